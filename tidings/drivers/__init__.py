@@ -1,0 +1,1 @@
+"""Drivers shipped with tidings; each module imports only its own broker library."""

@@ -1,0 +1,1 @@
+"""The ZeroMQ driver's registry of listeners; used by that driver only."""

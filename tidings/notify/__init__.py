@@ -1,0 +1,1 @@
+"""Notifications, built only on tidings.transports."""

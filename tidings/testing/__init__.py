@@ -1,0 +1,1 @@
+"""The conformance suite and fixtures third-party drivers reuse."""

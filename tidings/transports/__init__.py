@@ -1,0 +1,1 @@
+"""The abstraction layer every driver plugs into. Imports no driver and no broker library."""

@@ -1,0 +1,125 @@
+"""The wire format: oslo.messaging's notification message and its v1/v2 envelopes.
+
+Encoding and decoding live here once, so every driver carries the same bytes and tidings can
+consume (and feed) real OpenStack notification streams. A notification message is a JSON object::
+
+    {"message_id": "...", "publisher_id": "compute.host1", "event_type": "compute.instance.create",
+     "priority": "INFO", "payload": {...}, "timestamp": "2026-11-22 10:00:00.123456",
+     "_context_user_id": "...", ...}
+
+``messaging`` (v1) sends that object as the body; ``messagingv2`` wraps it as
+``{"oslo.version": "2.0", "oslo.message": "<the object as a JSON string>"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from tidings.transports.errors import MalformedMessage
+
+__all__ = ["CONTEXT_PREFIX", "Notification", "decode", "encode", "pack_context", "unpack_context"]
+
+CONTEXT_PREFIX = "_context_"
+VERSION_KEY = "oslo.version"
+MESSAGE_KEY = "oslo.message"
+SUPPORTED_VERSION = "2.0"
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "), default=str).encode
+_loads = json.loads
+
+
+def pack_context(message: dict[str, Any], ctxt: dict[str, Any]) -> dict[str, Any]:
+    """Flatten ``ctxt`` into ``_context_<key>`` entries of ``message``, as oslo.messaging does."""
+    for key, value in ctxt.items():
+        message[CONTEXT_PREFIX + str(key)] = value
+    return message
+
+
+def unpack_context(message: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a wire message into (context, message without the ``_context_`` entries)."""
+    ctxt: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    cut = len(CONTEXT_PREFIX)
+    for key, value in message.items():
+        if key.startswith(CONTEXT_PREFIX):
+            ctxt[key[cut:]] = value
+        else:
+            rest[key] = value
+    return ctxt, rest
+
+
+def encode(message: dict[str, Any], version: float = 2.0) -> bytes:
+    """Encode a wire message (context already packed) for the given envelope version."""
+    if version >= 2.0:
+        body = {VERSION_KEY: SUPPORTED_VERSION, MESSAGE_KEY: _dumps(message)}
+        return _dumps(body).encode("utf-8")
+    return _dumps(message).encode("utf-8")
+
+
+def decode(body: bytes | str) -> dict[str, Any]:
+    """Decode a body into the wire message (envelope removed). Raise MalformedMessage saying why.
+
+    Accepts v1 (a bare object) and v2 envelopes; anything else (not UTF-8, not JSON, not an
+    object, an envelope version other than 2.x) is malformed and must be rejected, not requeued.
+    """
+    try:
+        if isinstance(body, memoryview):
+            body = bytes(body)
+        outer = _loads(body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body)
+    except UnicodeDecodeError as exc:
+        raise MalformedMessage(f"body is not valid UTF-8 ({exc.reason} at byte {exc.start})") \
+            from None
+    except (ValueError, RecursionError) as exc:
+        raise MalformedMessage(f"body is not JSON: {str(exc)[:120]}") from None
+    if not isinstance(outer, dict):
+        raise MalformedMessage(f"body is a JSON {type(outer).__name__}, not an object")
+    if VERSION_KEY not in outer:
+        return outer
+    version = outer[VERSION_KEY]
+    if not isinstance(version, str) or version.split(".")[0] != "2":
+        raise MalformedMessage(f"unsupported envelope version {str(version)[:40]!r}; "
+                               f"tidings reads {SUPPORTED_VERSION} and unversioned (1.0) bodies")
+    inner = outer.get(MESSAGE_KEY)
+    if not isinstance(inner, str):
+        raise MalformedMessage(f"envelope {SUPPORTED_VERSION} lacks a string '{MESSAGE_KEY}'")
+    try:
+        message = _loads(inner)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedMessage(f"'{MESSAGE_KEY}' is not JSON: {str(exc)[:120]}") from None
+    if not isinstance(message, dict):
+        raise MalformedMessage(f"'{MESSAGE_KEY}' is a JSON {type(message).__name__}, "
+                               f"not an object")
+    return message
+
+
+@dataclass
+class Notification:
+    """One notification as endpoints see it: oslo.messaging's (ctxt, publisher_id, event_type,
+    payload, metadata) plus its priority (lower case, the endpoint method's name)."""
+
+    ctxt: dict[str, Any]
+    publisher_id: Any
+    event_type: Any
+    priority: str
+    payload: Any
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_wire(cls, message: dict[str, Any]) -> Notification:
+        ctxt, rest = unpack_context(message)
+        priority = rest.get("priority")
+        if not isinstance(priority, str):
+            raise MalformedMessage(f"notification has no string 'priority' "
+                                   f"(got {type(priority).__name__})")
+        return cls(ctxt=ctxt, publisher_id=rest.get("publisher_id"),
+                   event_type=rest.get("event_type"), priority=priority.lower(),
+                   payload=rest.get("payload"),
+                   metadata={"message_id": rest.get("message_id"),
+                             "timestamp": rest.get("timestamp")})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The dict a batch endpoint receives, with oslo.messaging's keys."""
+        return {"ctxt": self.ctxt, "publisher_id": self.publisher_id,
+                "event_type": self.event_type, "priority": self.priority,
+                "payload": self.payload, "metadata": self.metadata}

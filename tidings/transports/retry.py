@@ -1,0 +1,59 @@
+"""The one retry policy every driver's sends share.
+
+oslo.messaging semantics for ``retry``: None or -1 retries forever, 0 never retries, N retries at
+most N times (so N + 1 attempts). Only :class:`TransportUnreachable` is retried; any other error
+is not something waiting can fix. Backoff doubles from ``interval`` up to ``max_interval``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from tidings.transports.errors import MessageDeliveryFailure, TransportUnreachable
+
+__all__ = ["call_with_retry", "validate_retry"]
+
+LOG = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def validate_retry(retry: int | None) -> int | None:
+    """Check a ``retry`` value early, so a typo fails at construction, not at the first send."""
+    if retry is None:
+        return None
+    if isinstance(retry, bool) or not isinstance(retry, int) or retry < -1:
+        raise ValueError(f"retry={retry!r}: use None or -1 to retry forever, 0 for no retry, "
+                         f"or a positive number of retries")
+    return None if retry == -1 else retry
+
+
+def call_with_retry(attempt: Callable[[], T], retry: int | None, what: str, *,
+                    interval: float = 0.2, max_interval: float = 5.0,
+                    stop: threading.Event | None = None) -> T:
+    """Run ``attempt`` until it succeeds or the policy gives up; raise MessageDeliveryFailure.
+
+    ``stop`` (set by Transport.cleanup) ends an endless retry so that shutting down never hangs.
+    """
+    retry = validate_retry(retry)
+    failures = 0
+    delay = interval
+    while True:
+        try:
+            return attempt()
+        except TransportUnreachable as exc:
+            failures += 1
+            if retry is not None and failures > retry:
+                raise MessageDeliveryFailure(
+                    f"{what} failed after {failures} attempt(s) (retry={retry}): {exc}. "
+                    f"Check that the broker is reachable, or raise retry.") from exc
+            LOG.warning("%s failed (attempt %d, retry=%s): %s; trying again in %.1fs",
+                        what, failures, "forever" if retry is None else retry, exc, delay)
+            if stop is not None and stop.wait(delay):
+                raise MessageDeliveryFailure(f"{what} abandoned: the transport was cleaned up") \
+                    from exc
+            if stop is None:
+                threading.Event().wait(delay)
+            delay = min(delay * 2, max_interval)

@@ -1,0 +1,290 @@
+"""Transport: the portable type users hold, wrapping one driver.
+
+Everything drivers would otherwise each re-implement happens here once: option checking, the
+capability check when a listener is built, encoding and the size limit, the retry policy, the
+closed-transport guard and the raw ``join_consumer_pool`` API.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tidings.transports import envelope
+from tidings.transports.base import (
+    Binding,
+    Capabilities,
+    Driver,
+    IncomingMessage,
+    Listener,
+    Option,
+    OutgoingMessage,
+)
+from tidings.transports.consumer import PollLoop
+from tidings.transports.errors import (
+    InvalidTransportOption,
+    MalformedMessage,
+    MessageTooLarge,
+    TransportClosed,
+    TransportUnreachable,
+)
+from tidings.transports.loader import load_driver_class
+from tidings.transports.retry import call_with_retry
+from tidings.transports.url import TransportURL, mask_password
+
+__all__ = [
+    "CORE_OPTIONS",
+    "ConsumerPoolHandle",
+    "Target",
+    "Transport",
+    "get_notification_transport",
+    "get_transport",
+]
+
+LOG = logging.getLogger(__name__)
+ENV_URL = "TIDINGS_TRANSPORT_URL"
+
+CORE_OPTIONS: dict[str, Option[Any]] = {
+    "prefetch": Option(int, 64, "the most unacknowledged messages one listener holds"),
+    "max_message_size": Option(int, 16 * 1024 * 1024,
+                               "largest encoded message in bytes, refused on send and receive"),
+    "send_timeout": Option(float, 30.0, "seconds one send attempt may take"),
+    "retry_interval": Option(float, 0.2, "first delay between send attempts, doubling"),
+    "retry_max_interval": Option(float, 5.0, "longest delay between send attempts"),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where notifications go or come from: a topic on an exchange.
+
+    ``exchange=None`` means the transport's default exchange (``openstack`` unless
+    get_notification_transport was given another).
+    """
+
+    topic: str
+    exchange: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.topic, str) or not self.topic:
+            raise ValueError(f"Target topic must be a non-empty string, not {self.topic!r}")
+        if self.exchange is not None and (not isinstance(self.exchange, str)
+                                          or not self.exchange):
+            raise ValueError(f"Target exchange must be a non-empty string or None, "
+                             f"not {self.exchange!r}")
+
+
+def _parse_options(url: TransportURL, declared: Mapping[str, Option[Any]]) -> dict[str, Any]:
+    values = {name: opt.default for name, opt in declared.items()}
+    for key, raw in url.query.items():
+        opt = declared.get(key)
+        if opt is None:
+            raise InvalidTransportOption(
+                f"unknown option {key!r} in {url.masked()} for driver {url.driver!r}; "
+                f"accepted options: {', '.join(sorted(declared))}")
+        values[key] = opt.convert(key, raw)
+    return values
+
+
+class Transport:
+    """One driver behind the checks every driver shares. Build it with
+    :func:`get_notification_transport`; share it between notifiers and listeners."""
+
+    def __init__(self, driver: Driver, url: TransportURL, default_exchange: str,
+                 options: Mapping[str, Any]) -> None:
+        self._driver = driver
+        self.url = url
+        self.default_exchange = default_exchange
+        self.options = dict(options)
+        self._closed = threading.Event()
+
+    # -- what the driver is -------------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._driver.capabilities
+
+    @property
+    def driver_name(self) -> str:
+        return self._driver.name or self.url.driver
+
+    def __repr__(self) -> str:
+        return f"<Transport {self.driver_name} {self.url.masked()}>"
+
+    def _ensure_open(self, doing: str) -> None:
+        if self._closed.is_set():
+            raise TransportClosed(f"cannot {doing}: transport {self.url.masked()} was cleaned "
+                                  f"up; build a new one with get_notification_transport()")
+
+    def check_features(self, *, pool: str | None = None, allow_requeue: bool = False) -> None:
+        """Raise NotImplementedError now if the driver lacks a feature the listener needs."""
+        caps = self.capabilities
+        if pool is not None and not caps.pools:
+            raise NotImplementedError(
+                f"the {self.driver_name!r} driver does not support listener pools "
+                f"(pool={pool!r}); use a driver whose capabilities declare 'pools'")
+        if allow_requeue and not caps.requeue:
+            raise NotImplementedError(
+                f"the {self.driver_name!r} driver cannot requeue messages "
+                f"(allow_requeue=True); use allow_requeue=False or a driver whose "
+                f"capabilities declare 'requeue'")
+
+    def resolve(self, target: Target) -> str:
+        return target.exchange or self.default_exchange
+
+    # -- sending ------------------------------------------------------------------------
+    def _send_notification(self, target: Target, ctxt: Mapping[str, Any],
+                           message: Mapping[str, Any], version: float = 2.0,
+                           retry: int | None = None) -> None:
+        """Send one notification (oslo.messaging's name): pack ctxt, encode, send with retry."""
+        wire = envelope.pack_context(dict(message), dict(ctxt))
+        self.send_raw(target, envelope.encode(wire, version),
+                      message_id=str(message.get("message_id") or uuid.uuid4()), retry=retry)
+
+    def send_raw(self, target: Target, body: bytes, *, message_id: str,
+                 retry: int | None = None, headers: Mapping[str, str] | None = None) -> None:
+        """Send an already encoded body to ``target`` under the retry policy."""
+        self._ensure_open("send")
+        limit = self.options["max_message_size"]
+        if len(body) > limit:
+            raise MessageTooLarge(
+                f"message {message_id} is {len(body)} bytes, over max_message_size={limit}; "
+                f"send a smaller payload or raise the URL option max_message_size")
+        out = OutgoingMessage(exchange=self.resolve(target), routing_key=target.topic,
+                              body=body, message_id=message_id, headers=dict(headers or {}))
+        timeout = self.options["send_timeout"]
+
+        def attempt() -> None:
+            self._ensure_open("send")
+            try:
+                self._driver.send(out, timeout=timeout)
+            except TransportUnreachable as exc:
+                raise TransportUnreachable(mask_password(str(exc))) from exc
+
+        call_with_retry(attempt, retry, f"sending {message_id} to {out.exchange}/"
+                        f"{out.routing_key} via {self.driver_name}",
+                        interval=self.options["retry_interval"],
+                        max_interval=self.options["retry_max_interval"], stop=self._closed)
+
+    # -- listening ----------------------------------------------------------------------
+    def listen(self, bindings: Sequence[Binding], pool: str | None = None,
+               prefetch: int | None = None) -> Listener:
+        """Open a driver listener on ``bindings`` (features already checked by the caller)."""
+        self._ensure_open("listen")
+        if not bindings:
+            raise ValueError("a listener needs at least one (exchange, topic) binding")
+        self.check_features(pool=pool)
+        count = self.options["prefetch"] if prefetch is None else prefetch
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"prefetch={count!r} must be a positive integer")
+        return self._driver.listen(list(bindings), pool, count)
+
+    def decode(self, msg: IncomingMessage) -> dict[str, Any]:
+        """Decode an incoming body into the wire message, enforcing max_message_size."""
+        limit = self.options["max_message_size"]
+        if len(msg.body) > limit:
+            raise MalformedMessage(f"{len(msg.body)} bytes is over max_message_size={limit}")
+        return envelope.decode(msg.body)
+
+    def join_consumer_pool(self, callback: Callable[[dict[str, Any]], Any], pool_name: str,
+                           topic: str, exchange_name: str | None = None) -> ConsumerPoolHandle:
+        """Consume routing value ``topic`` (e.g. ``notifications.info``) as a member of
+        ``pool_name``: every pool gets each message once, one member of it takes the message.
+
+        ``callback`` receives each message whole, as a dict (JSON decoded, envelope removed,
+        context still in its ``_context_*`` keys), whatever the notification format. The message
+        is acknowledged after the callback returns; if the callback raises, it is logged with its
+        id and rejected. Returns a started handle; ``stop()`` it when done.
+        """
+        self.check_features(pool=pool_name)
+        bindings = [Binding(exchange_name or self.default_exchange, topic)]
+        handle = ConsumerPoolHandle(self, callback, pool_name, bindings)
+        handle.start()
+        return handle
+
+    def cleanup(self) -> None:
+        """Close the driver. Later sends and listens raise TransportClosed. Idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        try:
+            self._driver.cleanup()
+        except Exception:
+            LOG.exception("cleanup of %s failed", self)
+
+
+class ConsumerPoolHandle:
+    """A running ``join_consumer_pool`` member; ``stop()`` ends it and returns what it held."""
+
+    def __init__(self, transport: Transport, callback: Callable[[dict[str, Any]], Any],
+                 pool: str, bindings: list[Binding]) -> None:
+        self._transport = transport
+        self._callback = callback
+        self._loop = PollLoop(lambda: transport.listen(bindings, pool), self._handle,
+                              name=f"tidings-pool-{pool}")
+        self.stats = self._loop.stats
+
+    def start(self) -> None:
+        self._loop.start()
+
+    def _handle(self, messages: list[IncomingMessage]) -> None:
+        for msg in messages:
+            try:
+                data = self._transport.decode(msg)
+            except MalformedMessage as exc:
+                LOG.error("rejecting malformed message %s: %s", msg.message_id, exc)
+                if msg.reject():
+                    self.stats.settled("reject")
+                continue
+            try:
+                self._callback(data)
+            except Exception:
+                LOG.exception("pool callback failed on message %s; rejecting it",
+                              msg.message_id)
+                if msg.reject():
+                    self.stats.settled("reject")
+                continue
+            if msg.ack():
+                self.stats.settled("ack")
+
+    def stop(self, timeout: float | None = 10.0) -> bool:
+        """Stop consuming and wait up to ``timeout`` seconds for the loop to end."""
+        self._loop.stop()
+        return self._loop.wait(timeout)
+
+
+def get_transport(url: str | TransportURL | None = None, *,
+                  default_exchange: str = "openstack") -> Transport:
+    """Build a transport for ``url`` (or $TIDINGS_TRANSPORT_URL): load the driver by scheme,
+    check the URL's options against what the driver and the core accept."""
+    if url is None:
+        url = os.environ.get(ENV_URL)
+        if not url:
+            raise InvalidTransportOption(
+                f"no transport URL given and ${ENV_URL} is not set; pass a URL such as "
+                f"'memory://' or 'rabbit://guest:guest@127.0.0.1:5672/', or set ${ENV_URL}")
+    parsed = TransportURL.parse(url)
+    if not isinstance(default_exchange, str) or not default_exchange:
+        raise ValueError(f"default_exchange must be a non-empty string, "
+                         f"not {default_exchange!r}")
+    cls = load_driver_class(parsed.driver)
+    clash = set(cls.options) & set(CORE_OPTIONS)
+    if clash:
+        raise TypeError(f"driver {cls.__name__} redeclares core option(s) {sorted(clash)}")
+    values = _parse_options(parsed, {**CORE_OPTIONS, **cls.options})
+    core = {k: values.pop(k) for k in CORE_OPTIONS}
+    try:
+        driver = cls(parsed, values)
+    except TransportUnreachable as exc:
+        raise TransportUnreachable(mask_password(str(exc))) from exc
+    return Transport(driver, parsed, default_exchange, core)
+
+
+def get_notification_transport(url: str | TransportURL | None = None, *,
+                               default_exchange: str = "openstack") -> Transport:
+    """oslo.messaging's name for :func:`get_transport`: the transport notifications use."""
+    return get_transport(url, default_exchange=default_exchange)

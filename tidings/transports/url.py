@@ -1,0 +1,214 @@
+"""Transport URLs: ``driver://[user[:pass]@]host[:port][,more hosts]/[virtual_host][?query]``.
+
+The URL is the one piece of configuration an operator hands to tidings, so it is parsed strictly
+(a typo fails here, naming the part that is wrong, not deep inside a driver) and its password is
+masked wherever the URL is shown: ``repr()``, log lines and exception messages.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote
+
+from tidings.transports.errors import InvalidTransportURL
+
+__all__ = ["TransportHost", "TransportURL", "mask_password"]
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9.\-]*(\+[A-Za-z][A-Za-z0-9.\-]*)*$")
+_MASK = "****"
+# user:password@ inside anything that looks like a URL; used to scrub free text.
+_CREDENTIALS_IN_TEXT = re.compile(r"(?P<pre>[A-Za-z][A-Za-z0-9+.\-]*://(?:[^\s/@,]*@)?[^\s/:@,]*:)[^\s/@]*@")
+
+
+def mask_password(text: str) -> str:
+    """Replace the password of every URL inside ``text`` with ``****``.
+
+    Used on any string that might carry a URL the user typed (an unparsable URL, a driver's error
+    message) before it reaches a log line or an exception, so a secret never leaks by accident.
+    """
+    def _one(match: re.Match[str]) -> str:
+        return f"{match.group('pre')}{_MASK}@"
+
+    # Handles several hosts each with credentials: rabbit://a:x@h1,b:y@h2
+    masked = _CREDENTIALS_IN_TEXT.sub(_one, text)
+    return re.sub(r"(,[^\s/:@,]*:)[^\s/@,]*@", lambda m: f"{m.group(1)}{_MASK}@", masked)
+
+
+@dataclass(frozen=True)
+class TransportHost:
+    """One broker address of a URL; credentials may differ per host, as in oslo.messaging."""
+
+    hostname: str | None = None
+    port: int | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        pw = None if self.password is None else _MASK
+        return (f"TransportHost(hostname={self.hostname!r}, port={self.port!r}, "
+                f"username={self.username!r}, password={pw!r})")
+
+    def _format(self, mask: bool) -> str:
+        out = ""
+        if self.username is not None or self.password is not None:
+            out += quote(self.username or "", safe="")
+            if self.password is not None:
+                out += ":" + (_MASK if mask else quote(self.password, safe=""))
+            out += "@"
+        if self.hostname:
+            out += f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        if self.port is not None:
+            out += f":{self.port}"
+        return out
+
+
+@dataclass(frozen=True)
+class TransportURL:
+    """A parsed transport URL. ``str()`` gives the URL back; ``repr()`` masks passwords.
+
+    ``transport`` is the full scheme (``zmq+redis``); ``driver`` is the part before ``+``, which
+    alone picks the driver, so a driver can take sub-schemes for its own plug-ins.
+    """
+
+    transport: str
+    hosts: tuple[TransportHost, ...] = ()
+    virtual_host: str | None = None
+    query_items: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def driver(self) -> str:
+        return self.transport.split("+", 1)[0].lower()
+
+    @property
+    def subscheme(self) -> str | None:
+        """What follows ``+`` in the scheme (``redis`` in ``zmq+redis``), or None."""
+        parts = self.transport.split("+", 1)
+        return parts[1].lower() if len(parts) == 2 else None
+
+    @property
+    def query(self) -> dict[str, str]:
+        """Query options as a dict; a repeated key's values are joined with ``,`` as oslo does."""
+        out: dict[str, list[str]] = {}
+        for key, value in self.query_items:
+            out.setdefault(key, []).append(value)
+        return {k: ",".join(v) for k, v in out.items()}
+
+    def get_all(self, key: str) -> list[str]:
+        """Every value given for a repeated query key, in order."""
+        return [v for k, v in self.query_items if k == key]
+
+    @classmethod
+    def parse(cls, url: str | TransportURL) -> TransportURL:
+        """Parse ``url``; raise :class:`InvalidTransportURL` naming what is wrong."""
+        if isinstance(url, TransportURL):
+            return url
+        if not isinstance(url, str):
+            raise InvalidTransportURL(
+                f"a transport URL must be a string such as 'rabbit://user:pass@host:5672/', "
+                f"not {type(url).__name__}")
+        shown = mask_password(url)
+        if "://" not in url:
+            raise InvalidTransportURL(
+                f"invalid transport URL {shown!r}: missing '://'; write it as "
+                f"'driver://[user[:pass]@]host[:port][,host2]/[virtual_host][?options]'")
+        scheme, rest = url.split("://", 1)
+        if not _SCHEME.match(scheme):
+            raise InvalidTransportURL(
+                f"invalid transport URL {shown!r}: scheme {scheme!r} must start with a letter and "
+                f"hold only letters, digits, '.', '-' and '+' (e.g. 'rabbit' or 'zmq+redis')")
+        if "#" in rest:
+            raise InvalidTransportURL(
+                f"invalid transport URL {shown!r}: a fragment ('#...') has no meaning here; "
+                f"%-encode '#' as %23 if it is part of a password")
+        rest, _, query_text = rest.partition("?")
+        netloc, slash, path = rest.partition("/")
+        hosts = tuple(cls._parse_host(h, shown) for h in netloc.split(",")) if netloc else ()
+        if any(h == TransportHost() for h in hosts):
+            raise InvalidTransportURL(f"invalid transport URL {shown!r}: empty host between commas")
+        virtual_host = unquote(path) if slash else None
+        return cls(transport=scheme, hosts=hosts, virtual_host=virtual_host,
+                   query_items=cls._parse_query(query_text, shown))
+
+    @staticmethod
+    def _parse_host(text: str, shown: str) -> TransportHost:
+        username = password = None
+        if "@" in text:
+            creds, _, text = text.rpartition("@")
+            user, colon, pw = creds.partition(":")
+            username = unquote(user)
+            password = unquote(pw) if colon else None
+        hostname: str | None
+        port_text = ""
+        if text.startswith("["):
+            end = text.find("]")
+            if end < 0:
+                raise InvalidTransportURL(
+                    f"invalid transport URL {shown!r}: IPv6 host {text!r} lacks its closing ']'")
+            hostname = text[1:end]
+            after = text[end + 1:]
+            if after and not after.startswith(":"):
+                raise InvalidTransportURL(
+                    f"invalid transport URL {shown!r}: unexpected {after!r} after IPv6 host")
+            port_text = after[1:]
+        else:
+            if text.count(":") > 1:
+                raise InvalidTransportURL(
+                    f"invalid transport URL {shown!r}: host {text!r} has several ':'; "
+                    f"put an IPv6 address in brackets, e.g. '[::1]:5672'")
+            hostname, _, port_text = text.partition(":")
+            hostname = unquote(hostname)
+        port = None
+        if port_text:
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise InvalidTransportURL(
+                    f"invalid transport URL {shown!r}: port {port_text!r} must be a number "
+                    f"from 1 to 65535")
+            port = int(port_text)
+        elif text.endswith(":"):
+            raise InvalidTransportURL(
+                f"invalid transport URL {shown!r}: ':' after host {hostname!r} but no port")
+        return TransportHost(hostname=hostname or None, port=port, username=username,
+                             password=password)
+
+    @staticmethod
+    def _parse_query(text: str, shown: str) -> tuple[tuple[str, str], ...]:
+        items: list[tuple[str, str]] = []
+        for part in text.split("&") if text else ():
+            if not part:
+                continue
+            key, eq, value = part.partition("=")
+            key = unquote(key.replace("+", " "))
+            if not key:
+                raise InvalidTransportURL(
+                    f"invalid transport URL {shown!r}: query part {part!r} has no option name")
+            items.append((key, unquote(value.replace("+", " ")) if eq else ""))
+        return tuple(items)
+
+    def with_query(self, items: Iterable[tuple[str, str]] | Mapping[str, str]) -> TransportURL:
+        """A copy with other query options; handy for tests and the CLI."""
+        pairs = tuple(items.items()) if isinstance(items, Mapping) else tuple(items)
+        return TransportURL(self.transport, self.hosts, self.virtual_host, pairs)
+
+    def _format(self, mask: bool) -> str:
+        out = f"{self.transport}://" + ",".join(h._format(mask) for h in self.hosts)
+        if self.virtual_host is not None:
+            vhost = quote(self.virtual_host, safe="/")
+            if vhost.startswith("/"):
+                vhost = "%2F" + vhost[1:]
+            out += "/" + vhost
+        if self.query_items:
+            out += "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe=',')}"
+                                  for k, v in self.query_items)
+        return out
+
+    def __str__(self) -> str:
+        return self._format(mask=False)
+
+    def masked(self) -> str:
+        """The URL with every password replaced by ``****``: what logs and errors show."""
+        return self._format(mask=True)
+
+    def __repr__(self) -> str:
+        return f"TransportURL({self.masked()!r})"
