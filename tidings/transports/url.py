@@ -18,8 +18,16 @@ __all__ = ["TransportHost", "TransportURL", "mask_password"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9.\-]*(\+[A-Za-z][A-Za-z0-9.\-]*)*$")
 _MASK = "****"
-# user:password@ inside anything that looks like a URL; used to scrub free text.
-_CREDENTIALS_IN_TEXT = re.compile(r"(?P<pre>[A-Za-z][A-Za-z0-9+.\-]*://(?:[^\s/@,]*@)?[^\s/:@,]*:)[^\s/@]*@")
+# The authority part (hosts and credentials) of anything that looks like a URL in free text.
+_AUTHORITY_IN_TEXT = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<auth>[^\s/?#]*)")
+
+
+def _mask_host(piece: str) -> str:
+    creds, at, hostport = piece.rpartition("@")
+    if not at or ":" not in creds:
+        return piece
+    user = creds.split(":", 1)[0]
+    return f"{user}:{_MASK}@{hostport}"
 
 
 def mask_password(text: str) -> str:
@@ -29,11 +37,10 @@ def mask_password(text: str) -> str:
     message) before it reaches a log line or an exception, so a secret never leaks by accident.
     """
     def _one(match: re.Match[str]) -> str:
-        return f"{match.group('pre')}{_MASK}@"
+        auth = ",".join(_mask_host(p) for p in match.group("auth").split(","))
+        return match.group("scheme") + auth
 
-    # Handles several hosts each with credentials: rabbit://a:x@h1,b:y@h2
-    masked = _CREDENTIALS_IN_TEXT.sub(_one, text)
-    return re.sub(r"(,[^\s/:@,]*:)[^\s/@,]*@", lambda m: f"{m.group(1)}{_MASK}@", masked)
+    return _AUTHORITY_IN_TEXT.sub(_one, text)
 
 
 @dataclass(frozen=True)
@@ -199,7 +206,7 @@ class TransportURL:
                 vhost = "%2F" + vhost[1:]
             out += "/" + vhost
         if self.query_items:
-            out += "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe=',')}"
+            out += "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe=',/:')}"
                                   for k, v in self.query_items)
         return out
 
