@@ -244,14 +244,14 @@ def test_exhausted_retry_is_logged_not_raised_by_default(caplog: pytest.LogCaptu
 
 
 def test_cleanup_ends_an_endless_retry() -> None:
-    transport, driver = _flaky_transport(10**9)
+    transport, _ = _flaky_transport(10**9)
     transport.options["retry_interval"] = 0.05
     errors: list[BaseException] = []
 
     def send() -> None:
         try:
             transport.send_raw(Target("t"), b"{}", message_id="m", retry=None)
-        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+        except BaseException as exc:  # recorded for the assertion
             errors.append(exc)
 
     thread = threading.Thread(target=send)
