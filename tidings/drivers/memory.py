@@ -79,15 +79,18 @@ class _Broker:
                 q.messages.append(record if q is group else _Record(**record.__dict__))
                 self.pump(q)
 
-    def pump(self, q: _Queue) -> None:
+    @staticmethod
+    def pump(q: _Queue) -> None:
         """Hand queued messages to members with room, round-robin. Caller holds the lock."""
-        while q.messages and q.consumers:
-            n = len(q.consumers)
+        messages, consumers = q.messages, q.consumers
+        while messages and consumers:
+            n = len(consumers)
             for i in range(n):
-                member = q.consumers[(q.next_consumer + i) % n]
-                if member.has_room():
-                    q.next_consumer = (q.next_consumer + i + 1) % n
-                    member.deliver(q, q.messages.popleft())
+                idx = (q.next_consumer + i) % n
+                member = consumers[idx]
+                if len(member._held) < member._prefetch:
+                    q.next_consumer = (idx + 1) % n
+                    member.deliver(q, messages.popleft())
                     break
             else:
                 return
@@ -142,9 +145,6 @@ class _MemoryListener(Listener):
             for q in queues:
                 broker.pump(q)
 
-    def has_room(self) -> bool:
-        return len(self._held) < self._prefetch
-
     def deliver(self, queue: _Queue, record: _Record) -> None:
         msg = _MemoryMessage(self, queue, record, next(self._tags))
         self._held[msg.tag] = msg
@@ -159,8 +159,9 @@ class _MemoryListener(Listener):
                 msg._record.redelivered = True
                 msg._queue.messages.appendleft(msg._record)
                 self._broker.pump(msg._queue)
-            for q in self._queues:
-                self._broker.pump(q)
+            for q in self._queues:  # room was made: let waiting messages in
+                if q.messages:
+                    self._broker.pump(q)
 
     def poll(self, timeout: float) -> Sequence[IncomingMessage]:
         with self._wakeup:

@@ -45,8 +45,7 @@ SendFn = Callable[["Notifier", dict[str, Any], dict[str, Any], str], None]
 def _send_messaging(version: float) -> SendFn:
     def send(notifier: Notifier, ctxt: dict[str, Any], msg: dict[str, Any],
              priority: str) -> None:
-        for topic in notifier.topics:
-            target = Target(f"{topic}.{priority.lower()}", notifier.exchange)
+        for target in notifier._targets(priority):
             notifier.transport._send_notification(target, ctxt, msg, version=version,
                                                   retry=notifier.retry)
     return send
@@ -109,6 +108,15 @@ class Notifier:
         self._drivers = [NOTIFIER_DRIVERS[n] for n in names]
         self._serializer = serializer or NoOpSerializer()
         self.stats = PublisherStats()
+        self._target_cache: dict[str, list[Target]] = {}
+
+    def _targets(self, wire_priority: str) -> list[Target]:
+        """The routing targets ``<topic>.<priority>`` on this notifier's exchange (cached)."""
+        targets = self._target_cache.get(wire_priority)
+        if targets is None:
+            targets = [Target(f"{t}.{wire_priority.lower()}", self.exchange) for t in self.topics]
+            self._target_cache[wire_priority] = targets
+        return targets
 
     def prepare(self, publisher_id: str | None = _MARKER, retry: int | None = _MARKER, *,
                 topics: Sequence[str] | None = _MARKER,
@@ -116,6 +124,7 @@ class Notifier:
         """A cheap copy with another publisher_id, retry, topics or exchange; shares stats."""
         child = object.__new__(Notifier)
         child.__dict__.update(self.__dict__)
+        child._target_cache = {}
         if publisher_id is not _MARKER:
             child.publisher_id = publisher_id
         if retry is not _MARKER:

@@ -39,7 +39,8 @@ def load_driver_class(scheme: str) -> type[Driver]:
     except ImportError as exc:
         raise DriverLoadFailure(
             f"driver {scheme!r} is installed but cannot be imported ({exc}); install its "
-            f"library, e.g. pip install 'tidings[{scheme}]'") from exc
+            f"library (for the built-in drivers: pip install 'tidings[rabbit]', "
+            f"'tidings[amqp1]' or 'tidings[zmq]')") from exc
     except Exception as exc:  # stevedore wraps many failures; say which driver failed
         raise DriverLoadFailure(f"driver {scheme!r} failed to load: {exc}") from exc
     cls = mgr.driver

@@ -154,8 +154,9 @@ class Transport:
             raise MessageTooLarge(
                 f"message {message_id} is {len(body)} bytes, over max_message_size={limit}; "
                 f"send a smaller payload or raise the URL option max_message_size")
-        out = OutgoingMessage(exchange=self.resolve(target), routing_key=target.topic,
-                              body=body, message_id=message_id, headers=dict(headers or {}))
+        out = OutgoingMessage(exchange=target.exchange or self.default_exchange,
+                              routing_key=target.topic, body=body, message_id=message_id,
+                              headers=dict(headers) if headers else {})
         timeout = self.options["send_timeout"]
 
         def attempt() -> None:

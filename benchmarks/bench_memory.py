@@ -1,0 +1,111 @@
+"""End-to-end notifications per second on memory:// against oslo.messaging's fake: driver.
+
+Both run the same workload in the same process and run: a Notifier sends N notifications, a
+threading listener's endpoint receives them, each is acknowledged; the clock runs from the first
+send to the last endpoint call. The figure reported is tidings / oslo.messaging (target >= 5x).
+
+    python benchmarks/bench_memory.py [--messages 20000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+
+class _Endpoint:
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.count = 0
+        self.done = threading.Event()
+
+    def info(self, ctxt: Any, publisher_id: Any, event_type: Any, payload: Any,
+             metadata: Any) -> None:
+        self.count += 1
+        if self.count >= self.expected:
+            self.done.set()
+
+
+def run_tidings(n: int) -> float:
+    import tidings
+
+    transport = tidings.get_notification_transport(f"memory:///bench-{uuid.uuid4().hex}")
+    endpoint = _Endpoint(n)
+    listener = tidings.get_notification_listener(
+        transport, [tidings.Target("bench")], [endpoint])
+    listener.start()
+    notifier = tidings.Notifier(transport, "bench.host", topics=["bench"])
+    payload = {"instance_id": "0" * 36, "state": "active", "flavor": {"vcpus": 2}}
+    began = time.perf_counter()
+    for _ in range(n):
+        notifier.info({"request_id": "req-1"}, "compute.instance.update", payload)
+    if not endpoint.done.wait(300):
+        raise RuntimeError(f"tidings delivered {endpoint.count}/{n}")
+    took = time.perf_counter() - began
+    listener.stop()
+    listener.wait(30)
+    transport.cleanup()
+    return n / took
+
+
+def run_oslo(n: int) -> float:
+    import oslo_messaging
+    from oslo_config import cfg
+
+    conf = cfg.ConfigOpts()
+    conf([], project="bench")
+    transport = oslo_messaging.get_notification_transport(conf, url="fake:")
+    endpoint = _Endpoint(n)
+    listener = oslo_messaging.get_notification_listener(
+        transport, [oslo_messaging.Target(topic="bench")], [endpoint], executor="threading")
+    listener.start()
+    notifier = oslo_messaging.Notifier(transport, "bench.host", driver="messagingv2",
+                                       topics=["bench"])
+    payload = {"instance_id": "0" * 36, "state": "active", "flavor": {"vcpus": 2}}
+    began = time.perf_counter()
+    for _ in range(n):
+        notifier.info({"request_id": "req-1"}, "compute.instance.update", payload)
+    if not endpoint.done.wait(300):
+        raise RuntimeError(f"oslo.messaging delivered {endpoint.count}/{n}")
+    took = time.perf_counter() - began
+    listener.stop()
+    listener.wait()
+    transport.cleanup()
+    return n / took
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    rows: dict[str, list[float]] = {"tidings memory://": [], "oslo.messaging fake:": []}
+    for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both
+        rows["tidings memory://"].append(run_tidings(args.messages))
+        rows["oslo.messaging fake:"].append(run_oslo(args.messages))
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    ratio = med["tidings memory://"] / med["oslo.messaging fake:"]
+    print(f"end to end, {args.messages} notifications x {args.rounds} rounds (median msg/s)")
+    for name, values in rows.items():
+        spread = ", ".join(f"{v:,.0f}" for v in values)
+        print(f"  {name:<22} {med[name]:>10,.0f}   ({spread})")
+    verdict = "meets" if ratio >= 5 else "MISSES"
+    print(f"  ratio tidings/oslo.messaging: {ratio:.1f}x ({verdict} the 5x target)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"rates": rows, "median": med, "ratio": ratio}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The ``tidings`` command: demo, drivers, listen and notify.
+
+Errors are one readable line saying what to do (``--verbose`` shows the traceback), never a
+bare traceback, and never a password.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from tidings.notify.dispatcher import PRIORITIES, NotificationResult
+from tidings.notify.filter import NotificationFilter
+from tidings.notify.listener import get_notification_listener
+from tidings.notify.notifier import Notifier
+from tidings.transports.errors import DriverLoadFailure, TidingsError
+from tidings.transports.loader import available_drivers, load_driver_class
+from tidings.transports.transport import Target, get_notification_transport
+from tidings.transports.url import mask_password
+
+__all__ = ["main"]
+
+EXAMPLES = {
+    "demo": "tidings demo\n  tidings demo rabbit://guest:guest@127.0.0.1:5672/ --count 300",
+    "drivers": "tidings drivers",
+    "listen": "tidings listen rabbit://guest:guest@127.0.0.1:5672/ --topic notifications "
+              "--exchange nova --pool debug-tail --filter event_type='^compute\\.'",
+    "notify": "tidings notify memory:// --topic notifications --priority info "
+              "--event-type compute.instance.create --payload '{\"id\": 1}' --count 10",
+}
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+class _Member:
+    def __init__(self, group: str, name: str) -> None:
+        self.group = group
+        self.name = name
+        self.ids: list[str] = []
+        self.lock = threading.Lock()
+
+    def info(self, ctxt: Any, publisher_id: Any, event_type: Any, payload: Any,
+             metadata: Any) -> None:
+        with self.lock:
+            self.ids.append(payload["n"])
+
+
+def _wait_until(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        tick.wait(0.02)
+    return True
+
+
+def run_demo(url: str, count: int, members: int, timeout: float, out: Any) -> int:
+    """Start the no-pool group and two pools, send ``count`` notifications, check the split."""
+    transport = get_notification_transport(url)
+    try:
+        pools: list[str | None] = [None]
+        if transport.capabilities.pools:
+            pools += ["audit", "billing"]
+        else:
+            print(f"note: the {transport.driver_name} driver declares no pools; "
+                  f"showing the no-pool group only", file=out)
+        run = uuid.uuid4().hex[:8]
+        target = Target("demo", exchange=f"tidings-demo-{run}")
+        groups: dict[str | None, list[_Member]] = {}
+        listeners = []
+        for pool in pools:
+            label = pool or "(no pool)"
+            groups[pool] = [_Member(label, f"{(pool or 'group')[0]}{i + 1}")
+                            for i in range(members)]
+            for member in groups[pool]:
+                listener = get_notification_listener(
+                    transport, [target], [member],
+                    pool=None if pool is None else f"tidings-demo-{run}-{pool}")
+                listener.start()
+                listeners.append(listener)
+        notifier = Notifier(transport, "tidings.demo", topics=[target.topic],
+                            exchange=target.exchange, retry=3, raise_on_failure=True)
+        began = time.perf_counter()
+        sent = [str(i) for i in range(count)]
+        for n in sent:
+            notifier.info({"demo_run": run}, "demo.tick", {"n": n})
+
+        def all_in() -> bool:
+            return all(sum(len(m.ids) for m in ms) >= count for ms in groups.values())
+
+        arrived = _wait_until(all_in, timeout)
+        elapsed = time.perf_counter() - began
+        for listener in listeners:
+            listener.stop()
+        for listener in listeners:
+            listener.wait(10)
+
+        print(f"tidings demo on {transport.url.masked()} ({transport.driver_name} driver): "
+              f"{count} notifications to {target.exchange}/{target.topic}.info "
+              f"in {elapsed:.2f}s\n", file=out)
+        print(f"{'group or pool':<16}{'member':<8}{'received':>9}", file=out)
+        for ms in groups.values():
+            for m in ms:
+                print(f"{m.group:<16}{m.name:<8}{len(m.ids):>9}", file=out)
+        print(file=out)
+        failures = 0
+        for ms in groups.values():
+            got = [i for m in ms for i in m.ids]
+            label = ms[0].group
+            checks = [
+                (sorted(got, key=int) == sent,
+                 f"each notification reached exactly one member of {label}",
+                 f"{label}: {len(set(sent) - set(got))} lost, "
+                 f"{len(got) - len(set(got))} duplicated"),
+                (count < members or all(m.ids for m in ms),
+                 f"every member of {label} received some",
+                 f"{label}: a member received nothing"),
+            ]
+            for ok, good, bad in checks:
+                print(f"  {'ok  ' if ok else 'FAIL'} {good if ok else bad}", file=out)
+                failures += not ok
+        if not arrived:
+            print(f"  FAIL not every notification arrived within {timeout:.0f}s", file=out)
+            failures += 1
+        print(f"\n{'all pool guarantees hold' if not failures else f'{failures} check(s) failed'}",
+              file=out)
+        return 0 if not failures else 1
+    finally:
+        transport.cleanup()
+
+
+# -- drivers ------------------------------------------------------------------------------
+
+def run_drivers(out: Any) -> int:
+    from tidings.transports.base import Capabilities
+
+    names = Capabilities.names()
+    short = {n: n.replace("requeue_to_other_member", "requeue_other")
+             .replace("stores_without_listener", "stores_unheard") for n in names}
+    header = f"{'scheme':<14}" + "".join(f"{short[n]:>16}" for n in names)
+    print(header, file=out)
+    problems = []
+    for scheme in available_drivers():
+        try:
+            cls = load_driver_class(scheme)
+        except DriverLoadFailure as exc:
+            problems.append(f"{scheme}: {exc}")
+            continue
+        caps = cls.capabilities.as_dict()
+        print(f"{scheme:<14}" + "".join(f"{'yes' if caps[n] else '-':>16}" for n in names),
+              file=out)
+    for line in problems:
+        print(f"not loadable: {line}", file=out)
+    return 0
+
+
+# -- listen and notify ---------------------------------------------------------------------
+
+def _parse_filters(items: Sequence[str]) -> NotificationFilter | None:
+    if not items:
+        return None
+    kw: dict[str, Any] = {}
+    for item in items:
+        key, eq, regex = item.partition("=")
+        if not eq:
+            raise CLIError(f"--filter {item!r}: write FIELD=REGEX, e.g. event_type='^compute'")
+        if key in ("publisher_id", "event_type"):
+            kw[key] = regex
+        elif "." in key and key.split(".", 1)[0] in ("payload", "context", "metadata"):
+            field, sub = key.split(".", 1)
+            kw.setdefault(field, {})[sub] = regex
+        else:
+            raise CLIError(f"--filter {item!r}: FIELD is publisher_id, event_type, or "
+                           f"payload.KEY / context.KEY / metadata.KEY")
+    try:
+        return NotificationFilter(**kw)
+    except ValueError as exc:
+        raise CLIError(f"--filter: {exc}") from None
+
+
+class _Printer:
+    """Prints notifications; once told to stop, hands further ones back unprinted."""
+
+    def __init__(self, as_json: bool, out: Any, limit: int | None, can_requeue: bool) -> None:
+        self.as_json = as_json
+        self.out = out
+        self.limit = limit
+        self.can_requeue = can_requeue
+        self.done = threading.Event()
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def endpoint(self, priorities: Sequence[str],
+                 filter_rule: NotificationFilter | None) -> Any:
+        methods: dict[str, Any] = {p: functools.partialmethod(_show_as, self, p)
+                                   for p in priorities}
+        if filter_rule is not None:
+            methods["filter_rule"] = filter_rule
+        return type("TailEndpoint", (), methods)()
+
+    def show(self, priority: str, ctxt: Any, publisher_id: Any, event_type: Any,
+             payload: Any, metadata: Any) -> str | None:
+        with self.lock:
+            if self.done.is_set() and self.can_requeue:
+                # Stopping (Ctrl-C or --count reached): do not acknowledge what is not
+                # printed; the requeue hands it back to the other consumers.
+                return NotificationResult.REQUEUE
+            if self.as_json:
+                line = json.dumps({"priority": priority, "publisher_id": publisher_id,
+                                   "event_type": event_type, "payload": payload,
+                                   "ctxt": ctxt, "metadata": metadata}, default=str)
+            else:
+                line = (f"{metadata.get('timestamp')} {priority.upper():<8} {publisher_id} "
+                        f"{event_type} {json.dumps(payload, default=str)[:400]}")
+            print(line, file=self.out, flush=True)
+            self.count += 1
+            if self.limit is not None and self.count >= self.limit:
+                self.done.set()
+        return None
+
+
+def _show_as(_endpoint: Any, printer: _Printer, priority: str, *args: Any) -> str | None:
+    return printer.show(priority, *args)
+
+
+def run_listen(args: argparse.Namespace, out: Any) -> int:
+    transport = get_notification_transport(args.url)
+    try:
+        can_requeue = transport.capabilities.requeue
+        printer = _Printer(args.json, out, args.count, can_requeue)
+        priorities = args.priority or list(PRIORITIES)
+        endpoint = printer.endpoint(priorities, _parse_filters(args.filter))
+        targets = [Target(t, exchange=args.exchange) for t in args.topic]
+        # prefetch=1: at most one message is held that has not been printed yet.
+        listener = get_notification_listener(transport, targets, [endpoint], pool=args.pool,
+                                             allow_requeue=can_requeue, prefetch=1)
+        where = ", ".join(f"{transport.resolve(t)}/{t.topic}" for t in targets)
+        group = (f"pool {args.pool!r} (gets its own copy of every notification)" if args.pool
+                 else "the no-pool group (shares notifications with the other consumers of it; "
+                      "use --pool NAME to get a copy of everything)")
+        print(f"listening on {where} ({', '.join(priorities)}) via "
+              f"{transport.url.masked()} as a member of {group}; Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        previous = signal.signal(signal.SIGINT, lambda *_: printer.done.set())
+        try:
+            listener.start()
+            while not printer.done.wait(0.2):
+                pass
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            listener.stop()
+            listener.wait(30)
+        print(f"stopped after {printer.count} notification(s)", file=sys.stderr)
+        return 0
+    finally:
+        transport.cleanup()
+
+
+def run_notify(args: argparse.Namespace, out: Any) -> int:
+    raw = args.payload
+    if raw.startswith("@"):
+        try:
+            with open(raw[1:], encoding="utf-8") as fh:
+                raw = fh.read()
+        except OSError as exc:
+            raise CLIError(f"--payload {args.payload}: cannot read the file ({exc.strerror})") \
+                from None
+    try:
+        payload = json.loads(raw)
+    except ValueError as exc:
+        raise CLIError(f"--payload is not valid JSON ({exc}); quote it, e.g. "
+                       f"--payload '{{\"id\": 1}}', or use @file.json") from None
+    transport = get_notification_transport(args.url)
+    try:
+        notifier = Notifier(transport, args.publisher_id, topics=args.topic,
+                            exchange=args.exchange, retry=args.retry, raise_on_failure=True)
+        send = getattr(notifier, args.priority)
+        began = time.perf_counter()
+        for _ in range(args.count):
+            send({}, args.event_type, payload)
+        took = time.perf_counter() - began
+        print(f"sent {args.count} {args.priority} notification(s) {args.event_type!r} to "
+              f"{notifier.exchange}/{','.join(t + '.' + args.priority for t in notifier.topics)}"
+              f" in {took:.3f}s", file=out)
+        return 0
+    finally:
+        transport.cleanup()
+
+
+# -- plumbing ------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tidings", description="Send, watch and demonstrate notifications.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()))
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text,
+                              epilog=f"example:\n  {EXAMPLES[name]}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    demo = add("demo", "start the no-pool group and two pools, send notifications, "
+                       "show who received what and check the pool guarantees")
+    demo.add_argument("url", nargs="?", default=None,
+                      help="transport URL (default: a fresh memory:// broker)")
+    demo.add_argument("--count", type=int, default=60, help="notifications to send (60)")
+    demo.add_argument("--members", type=int, default=2, help="members per group/pool (2)")
+    demo.add_argument("--timeout", type=float, default=30.0,
+                      help="seconds to wait for delivery (30)")
+
+    add("drivers", "list installed drivers (plug-ins included) and their capabilities")
+
+    listen = add("listen", "print notifications as they arrive")
+    listen.add_argument("url")
+    listen.add_argument("--topic", action="append", required=True, help="topic (repeatable)")
+    listen.add_argument("--exchange", default=None, help="exchange (default: openstack)")
+    listen.add_argument("--pool", default=None,
+                        help="join this pool (gets its own copy) instead of the no-pool group")
+    listen.add_argument("--priority", action="append", choices=PRIORITIES,
+                        help="only these priorities (repeatable; default all)")
+    listen.add_argument("--filter", action="append", default=[],
+                        help="FIELD=REGEX on publisher_id, event_type, payload.KEY, "
+                             "context.KEY or metadata.KEY (repeatable)")
+    listen.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    listen.add_argument("--count", type=int, default=None, help="stop after N notifications")
+
+    notify = add("notify", "send one or many notifications")
+    notify.add_argument("url")
+    notify.add_argument("--topic", action="append", default=None,
+                        help="topic (repeatable; default notifications)")
+    notify.add_argument("--exchange", default=None, help="exchange (default: openstack)")
+    notify.add_argument("--priority", default="info", choices=PRIORITIES)
+    notify.add_argument("--event-type", required=True)
+    notify.add_argument("--payload", default="{}", help="JSON, or @file to read it from a file")
+    notify.add_argument("--publisher-id", default="tidings.cli")
+    notify.add_argument("--count", type=int, default=1)
+    notify.add_argument("--retry", type=int, default=3,
+                        help="send retries before failing (-1: forever; default 3)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    out = sys.stdout
+    try:
+        if args.command == "demo":
+            if args.count < 1 or args.members < 1:
+                raise CLIError("--count and --members must be at least 1")
+            url = args.url or f"memory:///demo-{uuid.uuid4().hex[:8]}"
+            return run_demo(url, args.count, args.members, args.timeout, out)
+        if args.command == "drivers":
+            return run_drivers(out)
+        if args.command == "listen":
+            return run_listen(args, out)
+        if args.command == "notify":
+            return run_notify(args, out)
+    except (CLIError, TidingsError, ValueError, NotImplementedError) as exc:
+        if args.verbose:
+            logging.exception("tidings %s failed", args.command)
+        print(f"tidings {args.command}: error: {mask_password(str(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
