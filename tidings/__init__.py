@@ -32,6 +32,7 @@ from tidings.transports.transport import (
     get_notification_transport,
     get_transport,
 )
+from tidings.transports.signing import SignatureError, SigningKeys
 from tidings.transports.url import TransportHost, TransportURL
 
 __all__ = [
@@ -50,6 +51,8 @@ __all__ = [
     "NotificationResult",
     "Notifier",
     "Serializer",
+    "SignatureError",
+    "SigningKeys",
     "Target",
     "TidingsError",
     "Transport",

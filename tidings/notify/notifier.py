@@ -95,6 +95,10 @@ class Notifier:
         if unknown:
             raise ValueError(f"unknown notifier driver(s) {unknown}; choose from "
                              f"{', '.join(NOTIFIER_DRIVERS)}")
+        signing = getattr(transport, "signing", None)
+        if "messaging" in names and signing is not None and signing.active is not None:
+            raise ValueError("this transport signs notifications, which needs the v2 envelope: "
+                             "use driver='messagingv2' instead of 'messaging'")
         topics = ["notifications"] if topics is None else list(topics)
         if isinstance(topics, str) or not all(isinstance(t, str) and t for t in topics):
             raise ValueError(f"topics must be a list of non-empty strings, not {topics!r}")

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidings.transports.errors import MalformedMessage
+from tidings.transports.signing import SIGNATURE_KEY, SigningKeys
 
-__all__ = ["CONTEXT_PREFIX", "Notification", "decode", "encode", "pack_context", "unpack_context"]
+__all__ = ["CONTEXT_PREFIX", "Notification", "decode", "decode_envelope", "encode", "pack_context",
+           "unpack_context"]
 
 CONTEXT_PREFIX = "_context_"
 VERSION_KEY = "oslo.version"
@@ -49,10 +51,21 @@ def unpack_context(message: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return ctxt, {k: v for k, v in message.items() if k[:cut] != CONTEXT_PREFIX}
 
 
-def encode(message: dict[str, Any], version: float = 2.0) -> bytes:
-    """Encode a wire message (context already packed) for the given envelope version."""
+def encode(message: dict[str, Any], version: float = 2.0,
+           signer: SigningKeys | None = None) -> bytes:
+    """Encode a wire message (context already packed) for the given envelope version.
+
+    With a ``signer`` that has an active key, the v2 envelope carries a signature over the
+    ``oslo.message`` string (see tidings.transports.signing); v1 bodies cannot be signed.
+    """
     if version >= 2.0:
-        return (_V2_HEAD + _quote(_dumps(message)) + "}").encode("utf-8")
+        inner = _dumps(message)
+        signature = signer.sign(inner) if signer is not None else None
+        tail = "}" if signature is None else f", \"{SIGNATURE_KEY}\": {_dumps(signature)}}}"
+        return (_V2_HEAD + _quote(inner) + tail).encode("utf-8")
+    if signer is not None and signer.active is not None:
+        raise ValueError("signed notifications need the v2 envelope: use the notifier driver "
+                         "'messagingv2', not 'messaging'")
     return _dumps(message).encode("utf-8")
 
 
@@ -62,6 +75,12 @@ def decode(body: bytes | str) -> dict[str, Any]:
     Accepts v1 (a bare object) and v2 envelopes; anything else (not UTF-8, not JSON, not an
     object, an envelope version other than 2.x) is malformed and must be rejected, not requeued.
     """
+    return decode_envelope(body)[0]
+
+
+def decode_envelope(body: bytes | str) -> tuple[dict[str, Any], str | None, Any]:
+    """Like :func:`decode`, also returning the raw ``oslo.message`` string (None for v1) and
+    the signature field (None when absent), which signature checks need."""
     try:
         if isinstance(body, memoryview):
             body = bytes(body)
@@ -74,7 +93,7 @@ def decode(body: bytes | str) -> dict[str, Any]:
     if not isinstance(outer, dict):
         raise MalformedMessage(f"body is a JSON {type(outer).__name__}, not an object")
     if VERSION_KEY not in outer:
-        return outer
+        return outer, None, None
     version = outer[VERSION_KEY]
     if not isinstance(version, str) or version.split(".")[0] != "2":
         raise MalformedMessage(f"unsupported envelope version {str(version)[:40]!r}; "
@@ -89,7 +108,7 @@ def decode(body: bytes | str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise MalformedMessage(f"'{MESSAGE_KEY}' is a JSON {type(message).__name__}, "
                                f"not an object")
-    return message
+    return message, inner, outer.get(SIGNATURE_KEY)
 
 
 @dataclass

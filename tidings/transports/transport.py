@@ -35,6 +35,7 @@ from tidings.transports.errors import (
 )
 from tidings.transports.loader import load_driver_class
 from tidings.transports.retry import call_with_retry
+from tidings.transports.signing import SigningKeys
 from tidings.transports.url import TransportURL, mask_password
 
 __all__ = [
@@ -96,11 +97,12 @@ class Transport:
     :func:`get_notification_transport`; share it between notifiers and listeners."""
 
     def __init__(self, driver: Driver, url: TransportURL, default_exchange: str,
-                 options: Mapping[str, Any]) -> None:
+                 options: Mapping[str, Any], signing: SigningKeys | None = None) -> None:
         self._driver = driver
         self.url = url
         self.default_exchange = default_exchange
         self.options = dict(options)
+        self.signing = signing
         self._closed = threading.Event()
 
     # -- what the driver is -------------------------------------------------------------
@@ -142,7 +144,7 @@ class Transport:
                            retry: int | None = None) -> None:
         """Send one notification (oslo.messaging's name): pack ctxt, encode, send with retry."""
         wire = envelope.pack_context(dict(message), dict(ctxt))
-        self.send_raw(target, envelope.encode(wire, version),
+        self.send_raw(target, envelope.encode(wire, version, self.signing),
                       message_id=str(message.get("message_id") or uuid.uuid4()), retry=retry)
 
     def send_raw(self, target: Target, body: bytes, *, message_id: str,
@@ -185,11 +187,16 @@ class Transport:
         return self._driver.listen(list(bindings), pool, count)
 
     def decode(self, msg: IncomingMessage) -> dict[str, Any]:
-        """Decode an incoming body into the wire message, enforcing max_message_size."""
+        """Decode an incoming body into the wire message, enforcing max_message_size and, with
+        signing keys, the signature policy. Raises MalformedMessage (reject it) saying why."""
         limit = self.options["max_message_size"]
         if len(msg.body) > limit:
             raise MalformedMessage(f"{len(msg.body)} bytes is over max_message_size={limit}")
-        return envelope.decode(msg.body)
+        if self.signing is None:
+            return envelope.decode(msg.body)
+        message, inner, signature = envelope.decode_envelope(msg.body)
+        self.signing.verify(inner, signature)
+        return message
 
     def join_consumer_pool(self, callback: Callable[[dict[str, Any]], Any], pool_name: str,
                            topic: str, exchange_name: str | None = None) -> ConsumerPoolHandle:
@@ -259,9 +266,13 @@ class ConsumerPoolHandle:
 
 
 def get_transport(url: str | TransportURL | None = None, *,
-                  default_exchange: str = "openstack") -> Transport:
+                  default_exchange: str = "openstack",
+                  signing: SigningKeys | None = None) -> Transport:
     """Build a transport for ``url`` (or $TIDINGS_TRANSPORT_URL): load the driver by scheme,
-    check the URL's options against what the driver and the core accept."""
+    check the URL's options against what the driver and the core accept.
+
+    ``signing``: sign what this transport sends with the active key and verify what it
+    receives (see tidings.transports.signing)."""
     if url is None:
         url = os.environ.get(ENV_URL)
         if not url:
@@ -282,10 +293,11 @@ def get_transport(url: str | TransportURL | None = None, *,
         driver = cls(parsed, values)
     except TransportUnreachable as exc:
         raise TransportUnreachable(mask_password(str(exc))) from exc
-    return Transport(driver, parsed, default_exchange, core)
+    return Transport(driver, parsed, default_exchange, core, signing)
 
 
 def get_notification_transport(url: str | TransportURL | None = None, *,
-                               default_exchange: str = "openstack") -> Transport:
+                               default_exchange: str = "openstack",
+                               signing: SigningKeys | None = None) -> Transport:
     """oslo.messaging's name for :func:`get_transport`: the transport notifications use."""
-    return get_transport(url, default_exchange=default_exchange)
+    return get_transport(url, default_exchange=default_exchange, signing=signing)
