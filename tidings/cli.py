@@ -36,6 +36,8 @@ EXAMPLES = {
               "--exchange nova --pool debug-tail --filter event_type='^compute\\.'",
     "notify": "tidings notify memory:// --topic notifications --priority info "
               "--event-type compute.instance.create --payload '{\"id\": 1}' --count 10",
+    "bench": "tidings bench rabbit://guest:guest@127.0.0.1:5672/ --messages 20000 "
+             "--pools 2 --members 2 --compare oslo --json out.json",
 }
 
 
@@ -301,6 +303,21 @@ def run_notify(args: argparse.Namespace, out: Any) -> int:
         transport.cleanup()
 
 
+def run_bench(args: argparse.Namespace, out: Any) -> int:
+    from tidings import bench
+
+    work = bench.Workload(args.url, messages=args.messages, size=args.size, pools=args.pools,
+                          members=args.members, progress=sys.stderr.isatty() or args.progress)
+    results = [bench.run_tidings(work)]
+    if args.compare == "oslo":
+        results.append(bench.run_oslo(work))
+    elif args.compare == "raw":
+        results.append(bench.run_raw(work))
+    print(bench.format_table(results), file=out)
+    bench.save(results, args.json, args.plot)
+    return 0
+
+
 # -- plumbing ------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
@@ -353,6 +370,19 @@ def _parser() -> argparse.ArgumentParser:
     notify.add_argument("--count", type=int, default=1)
     notify.add_argument("--retry", type=int, default=3,
                         help="send retries before failing (-1: forever; default 3)")
+
+    bench = add("bench", "throughput and latency of publish, drain and end to end, optionally "
+                         "side by side with oslo.messaging or a raw client")
+    bench.add_argument("url")
+    bench.add_argument("--messages", type=int, default=5000, help="per phase (5000)")
+    bench.add_argument("--size", type=int, default=200, help="payload bytes (200)")
+    bench.add_argument("--pools", type=int, default=0, help="pools (0: the no-pool group)")
+    bench.add_argument("--members", type=int, default=1, help="listeners per group/pool (1)")
+    bench.add_argument("--compare", choices=("oslo", "raw"), default=None,
+                       help="run the same workload through oslo.messaging or a raw client")
+    bench.add_argument("--json", default=None, metavar="FILE", help="write results as JSON")
+    bench.add_argument("--plot", default=None, metavar="PNG", help="bar chart (matplotlib)")
+    bench.add_argument("--progress", action="store_true", help="progress bar even when piped")
     return parser
 
 
@@ -374,7 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_listen(args, out)
         if args.command == "notify":
             return run_notify(args, out)
-    except (CLIError, TidingsError, ValueError, NotImplementedError) as exc:
+        if args.command == "bench":
+            if args.messages < 1 or args.members < 1 or args.pools < 0:
+                raise CLIError("--messages and --members must be at least 1, --pools at least 0")
+            return run_bench(args, out)
+    except (CLIError, TidingsError, ValueError, NotImplementedError, RuntimeError) as exc:
         if args.verbose:
             logging.exception("tidings %s failed", args.command)
         print(f"tidings {args.command}: error: {mask_password(str(exc))}", file=sys.stderr)

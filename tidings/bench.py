@@ -1,0 +1,338 @@
+"""The benchmark harness behind ``tidings bench`` and the scripts in benchmarks/.
+
+Three figures per run, each with latency percentiles where they mean something:
+
+* publish: confirmed notifications per second from one Notifier (into queues that exist);
+* drain: a backlog of N per group consumed by the listeners (rate from start to last ack);
+* end to end: listeners running, N sent, rate from first send to last receipt, and per-message
+  latency (send to endpoint call) p50/p99/max.
+
+A *reference* (oslo.messaging, or a raw client loop registered by a benchmark script) runs the
+same workload in the same run, so results are ratios, never absolute promises.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["BenchResult", "Workload", "format_table", "run_tidings"]
+
+
+@dataclass
+class Workload:
+    url: str
+    messages: int = 5000
+    size: int = 200
+    pools: int = 0
+    members: int = 1
+    prefetch: int | None = None
+    progress: bool = False
+
+    @property
+    def groups(self) -> list[str | None]:
+        return [None] if self.pools == 0 else [f"bench-pool-{i}" for i in range(self.pools)]
+
+
+@dataclass
+class BenchResult:
+    name: str
+    publish_rate: float | None = None
+    drain_rate: float | None = None
+    e2e_rate: float | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {}
+    ordered = sorted(samples)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    return {"p50": pick(0.50), "p99": pick(0.99), "max": ordered[-1] * 1000,
+            "mean": statistics.fmean(ordered) * 1000}
+
+
+class _Progress:
+    """A one-line progress bar on stderr for long runs; silent when disabled."""
+
+    def __init__(self, label: str, total: int, enabled: bool) -> None:
+        self.label, self.total, self.enabled = label, total, enabled
+        self.last = 0.0
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.2 and done < self.total):
+            return
+        self.last = now
+        width = 30
+        filled = int(width * done / max(1, self.total))
+        sys.stderr.write(f"\r{self.label:<12} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{done}/{self.total}")
+        if done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+class _Sink:
+    """An endpoint counting arrivals and recording send-to-receive latency."""
+
+    def __init__(self, expected: int, progress: _Progress) -> None:
+        self.expected = expected
+        self.count = 0
+        self.latencies: list[float] = []
+        self.last_at = 0.0
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.progress = progress
+
+    def info(self, ctxt: Any, publisher_id: Any, event_type: Any, payload: Any,
+             metadata: Any) -> None:
+        now = time.time()
+        with self.lock:
+            self.count += 1
+            sent = payload.get("t") if isinstance(payload, dict) else None
+            if sent:
+                self.latencies.append(now - sent)
+            self.last_at = time.perf_counter()
+            count = self.count
+        self.progress.update(count)
+        if count >= self.expected:
+            self.done.set()
+
+
+def _payload(size: int, stamp: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"blob": "x" * max(0, size - 40)}
+    if stamp:
+        body["t"] = time.time()
+    return body
+
+
+def run_tidings(work: Workload, timeout: float = 600.0) -> BenchResult:
+    """Measure publish, drain and end to end through tidings on ``work.url``."""
+    import tidings
+
+    transport = tidings.get_notification_transport(work.url)
+    caps = transport.capabilities
+    result = BenchResult(f"tidings {transport.driver_name}")
+    run = uuid.uuid4().hex[:8]
+    target = tidings.Target("bench", exchange=f"tidings-bench-{run}")
+    groups = work.groups
+    per_group = work.messages
+    expected = per_group * len(groups)
+    notifier = tidings.Notifier(transport, "bench", topics=["bench"],
+                                exchange=target.exchange, raise_on_failure=True)
+
+    def start(sink: _Sink) -> list[tidings.NotificationListener]:
+        out = []
+        for group in groups:
+            pool = None if group is None else f"{group}-{run}"
+            for _ in range(work.members):
+                listener = tidings.get_notification_listener(
+                    transport, [target], [sink], pool=pool, prefetch=work.prefetch)
+                listener.start()
+                out.append(listener)
+        return out
+
+    def stop(listeners: list[tidings.NotificationListener]) -> None:
+        for listener in listeners:
+            listener.stop()
+        for listener in listeners:
+            listener.wait(60)
+
+    try:
+        if caps.stores_without_listener or work.pools:
+            # Queues exist once listeners have started; a backlog can then wait in them.
+            stop(start(_Sink(1, _Progress("", 1, False))))
+            send_times: list[float] = []
+            progress = _Progress("publish", work.messages, work.progress)
+            began = time.perf_counter()
+            for i in range(work.messages):
+                t0 = time.perf_counter()
+                notifier.info({}, "bench.tick", _payload(work.size, False))
+                send_times.append(time.perf_counter() - t0)
+                progress.update(i + 1)
+            result.publish_rate = work.messages / (time.perf_counter() - began)
+            result.latency_ms["publish_p50"] = percentiles(send_times)["p50"]
+            sink = _Sink(expected, _Progress("drain", expected, work.progress))
+            began = time.perf_counter()
+            listeners = start(sink)
+            if not sink.done.wait(timeout):
+                result.notes.append(f"drain incomplete: {sink.count}/{expected}")
+            result.drain_rate = sink.count / max(1e-9, sink.last_at - began)
+            stop(listeners)
+        else:
+            result.notes.append("no publish/drain phase: the driver does not store messages "
+                                "sent while no listener runs")
+        sink = _Sink(expected, _Progress("end to end", expected, work.progress))
+        listeners = start(sink)
+        began = time.perf_counter()
+        for _ in range(work.messages):
+            notifier.info({}, "bench.tick", _payload(work.size, True))
+        if not sink.done.wait(timeout):
+            result.notes.append(f"end to end incomplete: {sink.count}/{expected}")
+        result.e2e_rate = sink.count / max(1e-9, sink.last_at - began)
+        result.latency_ms.update(percentiles(sink.latencies))
+        stop(listeners)
+    finally:
+        transport.cleanup()
+    return result
+
+
+Reference = Callable[[Workload], BenchResult]
+
+
+def run_oslo(work: Workload, timeout: float = 600.0) -> BenchResult:
+    """The same workload through oslo.messaging (rabbit:// -> its rabbit driver, memory:// ->
+    its fake: driver). Needs oslo.messaging installed (a benchmark-only dependency)."""
+    try:
+        import oslo_messaging
+        from oslo_config import cfg
+    except ImportError as exc:
+        raise RuntimeError("--compare oslo needs oslo.messaging: pip install oslo.messaging") \
+            from exc
+    from tidings.transports.url import TransportURL
+
+    url = TransportURL.parse(work.url)
+    oslo_url = {"memory": "fake:", "fake": "fake:"}.get(url.driver, str(url.with_query(())))
+    if url.driver not in ("memory", "fake", "rabbit"):
+        raise RuntimeError(f"--compare oslo supports rabbit:// and memory://, not "
+                           f"{url.driver}:// (oslo.messaging has no such driver any more)")
+    conf = cfg.ConfigOpts()
+    conf([], project="tidings-bench")
+    transport = oslo_messaging.get_notification_transport(conf, url=oslo_url)
+    result = BenchResult("oslo.messaging")
+    run = uuid.uuid4().hex[:8]
+    target = oslo_messaging.Target(topic=f"bench-{run}")
+    groups = [None] if work.pools == 0 else [f"oslo-bench-{i}-{run}" for i in range(work.pools)]
+    expected = work.messages * len(groups)
+    notifier = oslo_messaging.Notifier(transport, "bench", driver="messagingv2",
+                                       topics=[target.topic])
+
+    def start(sink: _Sink) -> list[Any]:
+        out = []
+        for group in groups:
+            for _ in range(work.members):
+                listener = oslo_messaging.get_notification_listener(
+                    transport, [target], [sink], executor="threading", pool=group)
+                listener.start()
+                out.append(listener)
+        return out
+
+    def stop(listeners: list[Any]) -> None:
+        for listener in listeners:
+            listener.stop()
+        for listener in listeners:
+            listener.wait()
+
+    try:
+        if url.driver == "rabbit":
+            stop(start(_Sink(1, _Progress("", 1, False))))
+            began = time.perf_counter()
+            for _ in range(work.messages):
+                notifier.info({}, "bench.tick", _payload(work.size, False))
+            result.publish_rate = work.messages / (time.perf_counter() - began)
+            sink = _Sink(expected, _Progress("oslo drain", expected, work.progress))
+            began = time.perf_counter()
+            listeners = start(sink)
+            if not sink.done.wait(timeout):
+                result.notes.append(f"drain incomplete: {sink.count}/{expected}")
+            result.drain_rate = sink.count / max(1e-9, sink.last_at - began)
+            stop(listeners)
+        sink = _Sink(expected, _Progress("oslo e2e", expected, work.progress))
+        listeners = start(sink)
+        began = time.perf_counter()
+        for _ in range(work.messages):
+            notifier.info({}, "bench.tick", _payload(work.size, True))
+        if not sink.done.wait(timeout):
+            result.notes.append(f"end to end incomplete: {sink.count}/{expected}")
+        result.e2e_rate = sink.count / max(1e-9, sink.last_at - began)
+        result.latency_ms.update(percentiles(sink.latencies))
+        stop(listeners)
+    finally:
+        transport.cleanup()
+    return result
+
+
+RAW_REFERENCES: dict[str, str] = {}
+"""scheme -> "module:function" of a raw client loop taking a Workload, returning BenchResult."""
+
+
+def run_raw(work: Workload) -> BenchResult:
+    """The same workload through the raw client of the URL's broker, if one is registered."""
+    from importlib import import_module
+
+    from tidings.transports.url import TransportURL
+
+    scheme = TransportURL.parse(work.url).driver
+    spec = RAW_REFERENCES.get(scheme)
+    if spec is None:
+        raise RuntimeError(f"no raw reference loop for {scheme}:// (have: "
+                           f"{', '.join(sorted(RAW_REFERENCES)) or 'none'})")
+    module, _, func = spec.partition(":")
+    return getattr(import_module(module), func)(work)
+
+
+def format_table(results: list[BenchResult]) -> str:
+    """A table of rates and latencies, with each later row's ratio to the first."""
+    def rate(v: float | None) -> str:
+        return f"{v:>10,.0f}" if v is not None else f"{'-':>10}"
+
+    lines = [f"{'':<22}{'publish/s':>10}{'drain/s':>10}{'e2e/s':>10}"
+             f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"]
+    for r in results:
+        lat = r.latency_ms
+        lines.append(f"{r.name:<22}{rate(r.publish_rate)}{rate(r.drain_rate)}"
+                     f"{rate(r.e2e_rate)}{lat.get('p50', 0):>9.2f}{lat.get('p99', 0):>9.2f}"
+                     f"{lat.get('max', 0):>9.2f}")
+    if len(results) > 1:
+        base = results[0]
+        for ref in results[1:]:
+            parts = []
+            for label, a, b in (("publish", base.publish_rate, ref.publish_rate),
+                                ("drain", base.drain_rate, ref.drain_rate),
+                                ("end to end", base.e2e_rate, ref.e2e_rate)):
+                if a and b:
+                    parts.append(f"{label} {a / b:.2f}x")
+            lines.append(f"ratio {base.name} / {ref.name}: {', '.join(parts) or 'n/a'}")
+    for r in results:
+        lines.extend(f"note ({r.name}): {n}" for n in r.notes)
+    return "\n".join(lines)
+
+
+def save(results: list[BenchResult], json_path: str | None, plot_path: str | None) -> None:
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as fh:
+            json.dump([r.as_dict() for r in results], fh, indent=2)
+    if plot_path:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
+        labels = ["publish", "drain", "end to end"]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        width = 0.8 / len(results)
+        for i, r in enumerate(results):
+            values = [r.publish_rate or 0, r.drain_rate or 0, r.e2e_rate or 0]
+            ax.bar([x + i * width for x in range(3)], values, width, label=r.name)
+        ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(3)], labels)
+        ax.set_ylabel("notifications / s")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot_path)
