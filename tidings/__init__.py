@@ -11,7 +11,7 @@ from tidings.notify.listener import (
     get_batch_notification_listener,
     get_notification_listener,
 )
-from tidings.notify.notifier import Notifier
+from tidings.notify.notifier import BackgroundNotifier, Notifier
 from tidings.notify.serializer import JsonPayloadSerializer, NoOpSerializer, Serializer
 from tidings.transports.base import Capabilities
 from tidings.transports.errors import (
@@ -26,16 +26,17 @@ from tidings.transports.errors import (
     TransportClosed,
     TransportUnreachable,
 )
+from tidings.transports.signing import SignatureError, SigningKeys
 from tidings.transports.transport import (
     Target,
     Transport,
     get_notification_transport,
     get_transport,
 )
-from tidings.transports.signing import SignatureError, SigningKeys
 from tidings.transports.url import TransportHost, TransportURL
 
 __all__ = [
+    "BackgroundNotifier",
     "Capabilities",
     "DriverLoadFailure",
     "InvalidTransportOption",

@@ -278,3 +278,40 @@ def test_non_transient_errors_are_not_retried() -> None:
     with pytest.raises(KeyError):
         call_with_retry(attempt, None, "x")
     assert len(calls) == 1
+
+
+# -- the background notifier -----------------------------------------------------------------
+
+def test_background_notifier_does_not_block_the_caller_while_the_broker_is_away() -> None:
+    transport, driver = _flaky_transport(10**9)  # unreachable until we say otherwise
+    transport.options["retry_interval"] = 0.01
+    notifier = tidings.BackgroundNotifier(transport, "p", retry=None, queue_size=100)
+    for i in range(50):
+        notifier.info({}, "e", {"i": i})  # returns at once although nothing can be sent
+    assert notifier.pending() == 50
+    driver.failures = 0  # the broker is back: everything goes out, in order
+    assert notifier.flush(10)
+    assert notifier.stats.snapshot()["sent"] == 50
+    assert notifier.close(5)
+    with pytest.raises(RuntimeError, match="closed"):
+        notifier.info({}, "e", {})
+
+
+def test_background_notifier_full_queue_policies(caplog: pytest.LogCaptureFixture) -> None:
+    import queue
+
+    transport, driver = _flaky_transport(10**9)
+    transport.options["retry_interval"] = 0.01
+    dropping = tidings.BackgroundNotifier(transport, "p", queue_size=2, on_full="drop")
+    raising = tidings.BackgroundNotifier(transport, "p", queue_size=2, on_full="raise")
+    for _ in range(5):
+        dropping.info({}, "e", {})
+    assert dropping.stats.snapshot()["dropped"] >= 2
+    assert "notifier queue full" in caplog.text
+    with pytest.raises(queue.Full):
+        for _ in range(5):
+            raising.info({}, "e", {})
+    driver.failures = 0
+    assert dropping.close(10) and raising.close(10)
+    with pytest.raises(ValueError, match="on_full"):
+        tidings.BackgroundNotifier(transport, on_full="wait")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +29,7 @@ from tidings.transports.retry import validate_retry
 from tidings.transports.stats import PublisherStats
 from tidings.transports.transport import Target, Transport
 
-__all__ = ["NOTIFIER_DRIVERS", "Notifier"]
+__all__ = ["NOTIFIER_DRIVERS", "BackgroundNotifier", "Notifier"]
 
 LOG = logging.getLogger(__name__)
 _MARKER: Any = object()
@@ -143,7 +145,9 @@ class Notifier:
         """False when the only driver is ``noop``, so callers can skip building payloads."""
         return self._driver_names != ["noop"]
 
-    def _notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> None:
+    def _build(self, ctxt: Any, event_type: str, payload: Any,
+               priority: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+        """Serialize now, in the caller's thread: what is sent is the payload as it was."""
         wire_priority = _WIRE_PRIORITY[priority]
         if not isinstance(event_type, str) or not event_type:
             raise ValueError(f"event_type must be a non-empty string, not {event_type!r}")
@@ -153,6 +157,9 @@ class Notifier:
                "event_type": event_type, "priority": wire_priority, "payload": payload,
                "timestamp": str(datetime.datetime.now(datetime.timezone.utc)
                                 .replace(tzinfo=None))}
+        return context, msg, wire_priority
+
+    def _deliver(self, context: dict[str, Any], msg: dict[str, Any], wire_priority: str) -> None:
         for send in self._drivers:
             began = time.perf_counter()
             try:
@@ -162,9 +169,12 @@ class Notifier:
                 if self.raise_on_failure:
                     raise
                 LOG.error("could not send notification %s (%s): %s", msg["message_id"],
-                          event_type, exc)
+                          msg["event_type"], exc)
             else:
                 self.stats.sent(time.perf_counter() - began)
+
+    def _notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> None:
+        self._deliver(*self._build(ctxt, event_type, payload, priority))
 
     def audit(self, ctxt: Any, event_type: str, payload: Any) -> None:
         self._notify(ctxt, event_type, payload, "audit")
@@ -188,3 +198,90 @@ class Notifier:
 
     def sample(self, ctxt: Any, event_type: str, payload: Any) -> None:
         self._notify(ctxt, event_type, payload, "sample")
+
+
+class BackgroundNotifier(Notifier):
+    """A Notifier that never blocks its caller on the broker: notifications go into a bounded
+    queue and one background thread sends them under the notifier's retry policy.
+
+    oslo.messaging's notifier blocks the calling thread (with ``retry=None``, forever) while the
+    broker is unreachable. Here the caller only waits when the queue is full and
+    ``on_full='block'``; ``'drop'`` drops the notification (logged, counted in
+    ``stats.snapshot()['dropped']``) and ``'raise'`` raises ``queue.Full``. The payload is
+    serialized at call time. ``flush()`` waits for the queue to drain; ``close()`` flushes and
+    stops the thread (call it before ``transport.cleanup()``). ``prepare()`` copies share the
+    queue, the thread and the stats.
+    """
+
+    def __init__(self, transport: Transport, publisher_id: str | None = None,
+                 driver: str | Sequence[str] | None = "messagingv2",
+                 topics: Sequence[str] | None = None, serializer: Any = None,
+                 retry: int | None = None, exchange: str | None = None, *,
+                 queue_size: int = 10000, on_full: str = "block") -> None:
+        super().__init__(transport, publisher_id, driver, topics, serializer, retry, exchange)
+        if on_full not in ("block", "drop", "raise"):
+            raise ValueError(f"on_full={on_full!r}: choose 'block', 'drop' or 'raise'")
+        if not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size={queue_size!r} must be a positive integer")
+        self.on_full = on_full
+        self._queue: queue.Queue[tuple[Notifier, tuple[Any, ...]] | None] = \
+            queue.Queue(queue_size)
+        self._closed = threading.Event()  # shared with prepare()d copies, like the queue
+        self._thread = threading.Thread(target=self._run, name="tidings-notifier", daemon=True)
+        self._thread.start()
+
+    def _notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> None:
+        if self._closed.is_set():
+            raise RuntimeError("this BackgroundNotifier was closed; build a new one")
+        item = (self, self._build(ctxt, event_type, payload, priority))
+        if self.on_full == "block":
+            self._queue.put(item)
+            return
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            if self.on_full == "raise":
+                raise
+            self.stats.dropped()
+            LOG.error("notifier queue full (%d): dropped notification %s (%s)",
+                      self._queue.maxsize, item[1][1]["message_id"], event_type)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                owner, built = item
+                try:
+                    Notifier._deliver(owner, *built)
+                except Exception:
+                    LOG.exception("background send of notification %s failed",
+                                  built[1]["message_id"])
+            finally:
+                self._queue.task_done()
+
+    def pending(self) -> int:
+        """Notifications queued and not yet sent."""
+        return self._queue.unfinished_tasks
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far was sent (or failed); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(remaining)
+        return True
+
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Flush, then stop the sending thread. Returns False if the flush timed out."""
+        if self._closed.is_set():
+            return True
+        self._closed.set()
+        flushed = self.flush(timeout)
+        self._queue.put(None)
+        self._thread.join(timeout)
+        return flushed

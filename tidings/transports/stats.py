@@ -62,10 +62,12 @@ class ConsumerStats:
 
 @dataclass
 class PublisherStats:
-    """sent, failed and send latency of a notifier (shared by its prepare()d children)."""
+    """sent, failed, dropped (BackgroundNotifier) and send latency of a notifier, shared by
+    its prepare()d copies."""
 
     _sent: int = 0
     _failed: int = 0
+    _dropped: int = 0
     _latency: _Latency = field(default_factory=_Latency)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -78,7 +80,11 @@ class PublisherStats:
         with self._lock:
             self._failed += 1
 
+    def dropped(self) -> None:
+        with self._lock:
+            self._dropped += 1
+
     def snapshot(self) -> dict[str, object]:
         with self._lock:
-            return {"sent": self._sent, "failed": self._failed,
+            return {"sent": self._sent, "failed": self._failed, "dropped": self._dropped,
                     "send_latency": self._latency.as_dict()}
