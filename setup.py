@@ -9,8 +9,10 @@ EXTRAS = {
     "zmq": ["pyzmq>=25"],
     "redis": ["redis>=4.5"],
 }
-EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
-EXTRAS["test"] = ["pytest>=7", "hypothesis>=6", "oslo.messaging>=14", "ruff"]
+EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})  # every driver
+EXTRAS["otel"] = ["opentelemetry-api>=1.20"]  # publish/handle spans, optional
+EXTRAS["test"] = ["pytest>=7", "hypothesis>=6", "oslo.messaging>=14", "ruff",
+                  "opentelemetry-sdk>=1.20"]
 
 setup(
     name="tidings",

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from tidings.notify import tracing
 from tidings.notify.dispatcher import (
     BatchNotificationDispatcher,
     NotificationDispatcher,
@@ -116,10 +117,12 @@ class NotificationListener:
             note = self._decode(msg)
             if note is None:
                 continue
+            message_id = note.metadata.get("message_id") or msg.message_id
             began = time.perf_counter()
-            result = self.dispatcher.dispatch(note)
+            with tracing.process_span(note.ctxt, note.event_type, message_id):
+                result = self.dispatcher.dispatch(note)
             self.stats.handled(time.perf_counter() - began)
-            self._finish(msg, result, note.metadata.get("message_id") or msg.message_id)
+            self._finish(msg, result, message_id)
 
     def _handle_batch(self, messages: list[IncomingMessage]) -> None:
         decoded = [(msg, note) for msg in messages if (note := self._decode(msg)) is not None]

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from tidings.notify import tracing
 from tidings.notify.serializer import NoOpSerializer
 from tidings.transports.errors import MessageDeliveryFailure
 from tidings.transports.retry import validate_retry
@@ -174,7 +175,9 @@ class Notifier:
                 self.stats.sent(time.perf_counter() - began)
 
     def _notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> None:
-        self._deliver(*self._build(ctxt, event_type, payload, priority))
+        context, msg, wire_priority = self._build(ctxt, event_type, payload, priority)
+        with tracing.publish_span(event_type, self.exchange, msg["message_id"]):
+            self._deliver(tracing.inject(context), msg, wire_priority)
 
     def audit(self, ctxt: Any, event_type: str, payload: Any) -> None:
         self._notify(ctxt, event_type, payload, "audit")
@@ -233,7 +236,8 @@ class BackgroundNotifier(Notifier):
     def _notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> None:
         if self._closed.is_set():
             raise RuntimeError("this BackgroundNotifier was closed; build a new one")
-        item = (self, self._build(ctxt, event_type, payload, priority))
+        context, msg, wire_priority = self._build(ctxt, event_type, payload, priority)
+        item = (self, (tracing.inject(context), msg, wire_priority))
         if self.on_full == "block":
             self._queue.put(item)
             return

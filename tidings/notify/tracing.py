@@ -1,0 +1,69 @@
+"""Trace context across the bus: W3C ``traceparent`` in the notification context.
+
+A ``traceparent`` (and ``tracestate``) key in the notifier's context travels with the notification
+like any context item and reaches the endpoint's ``ctxt``, whatever the driver. With
+OpenTelemetry installed (``pip install 'tidings[otel]'``), publishing gets a PRODUCER span whose
+context is injected into the notification, and handling gets a CONSUMER span continuing that
+trace; without it, this module costs one check per message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["inject", "process_span", "publish_span"]
+
+try:  # optional: the core stays light
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import SpanKind
+except ImportError:  # pragma: no cover - exercised where OpenTelemetry is absent
+    trace = None  # type: ignore[assignment]
+
+_TRACE_KEYS = ("traceparent", "tracestate")
+
+
+@contextlib.contextmanager
+def publish_span(event_type: str, exchange: str, message_id: str) -> Iterator[None]:
+    """A PRODUCER span around sending one notification (a no-op without OpenTelemetry)."""
+    if trace is None:
+        yield
+        return
+    tracer = trace.get_tracer("tidings")
+    with tracer.start_as_current_span(
+            f"{exchange} publish", kind=SpanKind.PRODUCER,
+            attributes={"messaging.system": "tidings", "messaging.operation": "publish",
+                        "messaging.destination.name": exchange,
+                        "messaging.message.id": message_id,
+                        "tidings.event_type": event_type}):
+        yield
+
+
+def inject(context: dict[str, Any]) -> dict[str, Any]:
+    """Add the current span's ``traceparent`` to ``context`` unless it carries one already."""
+    if trace is None or "traceparent" in context:
+        return context
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    if not carrier.get("traceparent"):
+        return context
+    return {**context, **{k: v for k, v in carrier.items() if k in _TRACE_KEYS}}
+
+
+@contextlib.contextmanager
+def process_span(ctxt: Any, event_type: Any, message_id: Any) -> Iterator[None]:
+    """A CONSUMER span around dispatching one notification, continuing the sender's trace."""
+    if trace is None:
+        yield
+        return
+    carrier = {k: ctxt[k] for k in _TRACE_KEYS
+               if isinstance(ctxt, dict) and isinstance(ctxt.get(k), str)}
+    parent = propagate.extract(carrier) if carrier else None
+    tracer = trace.get_tracer("tidings")
+    with tracer.start_as_current_span(
+            f"{event_type} process", context=parent, kind=SpanKind.CONSUMER,
+            attributes={"messaging.system": "tidings", "messaging.operation": "process",
+                        "messaging.message.id": str(message_id),
+                        "tidings.event_type": str(event_type)}):
+        yield
