@@ -1,8 +1,13 @@
 """Trace context travels with notifications; with OpenTelemetry, publish and handle get spans
-in one trace."""
+in one trace. The OpenTelemetry part runs in a subprocess: a tracer provider is process-global
+and would add trace context to every other test's notifications."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 import threading
 import uuid
 from typing import Any
@@ -11,23 +16,6 @@ import pytest
 
 import tidings
 from tidings import Target
-
-sdk = pytest.importorskip("opentelemetry.sdk.trace", reason="pip install opentelemetry-sdk")
-from opentelemetry import trace  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
-    InMemorySpanExporter,
-)
-from opentelemetry.trace import SpanKind  # noqa: E402
-
-EXPORTER = InMemorySpanExporter()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tracer_provider() -> None:
-    provider = sdk.TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
-    trace.set_tracer_provider(provider)
 
 
 class Capture:
@@ -40,34 +28,68 @@ class Capture:
         self.got.release()
 
 
-def _roundtrip(ctxt: dict[str, Any]) -> dict[str, Any]:
+def test_given_traceparent_reaches_the_endpoint_unchanged() -> None:
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     transport = tidings.get_notification_transport(f"memory:///{uuid.uuid4().hex}")
     ep = Capture()
     listener = tidings.get_notification_listener(transport, [Target("tr")], [ep])
     listener.start()
-    tidings.Notifier(transport, "p", topics=["tr"]).info(ctxt, "trace.me", {})
+    tidings.Notifier(transport, "p", topics=["tr"]).info({"traceparent": tp, "u": 1}, "e", {})
     assert ep.got.acquire(timeout=5)
     listener.stop()
     assert listener.wait(5)
-    transport.cleanup()
-    return ep.ctxts[0]
+    assert ep.ctxts == [{"traceparent": tp, "u": 1}]
 
 
-def test_given_traceparent_reaches_the_endpoint_unchanged() -> None:
-    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    assert _roundtrip({"traceparent": tp, "user": "u"}) == {"traceparent": tp, "user": "u"}
+SCRIPT = textwrap.dedent("""
+    import json, threading, uuid
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    import tidings
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+
+    transport = tidings.get_notification_transport(f"memory:///{uuid.uuid4().hex}")
+    got, seen = threading.Event(), []
+
+    class Endpoint:
+        def info(self, ctxt, pub, event_type, payload, md):
+            seen.append(ctxt)
+            got.set()
+
+    listener = tidings.get_notification_listener(transport, [tidings.Target("tr")],
+                                                 [Endpoint()])
+    listener.start()
+    with trace.get_tracer("test").start_as_current_span("request") as request:
+        tidings.Notifier(transport, "p", topics=["tr"]).info({"user": "u"}, "trace.me", {})
+    assert got.wait(5)
+    listener.stop()
+    assert listener.wait(5)
+    spans = [{"name": s.name, "kind": s.kind.name, "trace": format(s.context.trace_id, "032x"),
+              "span": format(s.context.span_id, "016x"),
+              "parent": format(s.parent.span_id, "016x") if s.parent else None,
+              "event_type": (s.attributes or {}).get("tidings.event_type")}
+             for s in exporter.get_finished_spans()]
+    print(json.dumps({"ctxt": seen[0], "spans": spans,
+                      "root": format(request.get_span_context().trace_id, "032x")}))
+""")
 
 
 def test_publish_and_process_spans_share_one_trace() -> None:
-    EXPORTER.clear()
-    tracer = trace.get_tracer("test")
-    with tracer.start_as_current_span("request") as request:
-        ctxt = _roundtrip({"user": "u"})
-    trace_id = format(request.get_span_context().trace_id, "032x")
-    assert ctxt["traceparent"].split("-")[1] == trace_id
-    spans = {s.kind: s for s in EXPORTER.get_finished_spans() if s.name != "request"}
-    publish, process = spans[SpanKind.PRODUCER], spans[SpanKind.CONSUMER]
-    root = request.get_span_context().trace_id
-    assert publish.context.trace_id == process.context.trace_id == root
-    assert process.parent.span_id == publish.context.span_id
-    assert process.attributes["tidings.event_type"] == "trace.me"
+    pytest.importorskip("opentelemetry.sdk.trace", reason="pip install opentelemetry-sdk")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    spans = {s["kind"]: s for s in out["spans"] if s["name"] != "request"}
+    publish, process = spans["PRODUCER"], spans["CONSUMER"]
+    assert publish["trace"] == process["trace"] == out["root"]
+    assert process["parent"] == publish["span"]  # handling continues the publish span
+    assert process["event_type"] == "trace.me"
+    assert out["ctxt"]["user"] == "u"
+    assert out["ctxt"]["traceparent"].split("-")[1:3] == [out["root"], publish["span"]]
