@@ -119,7 +119,10 @@ class NotificationListener:
                 continue
             message_id = note.metadata.get("message_id") or msg.message_id
             began = time.perf_counter()
-            with tracing.process_span(note.ctxt, note.event_type, message_id):
+            if tracing.active():
+                with tracing.process_span(note.ctxt, note.event_type, message_id):
+                    result = self.dispatcher.dispatch(note)
+            else:
                 result = self.dispatcher.dispatch(note)
             self.stats.handled(time.perf_counter() - began)
             self._finish(msg, result, message_id)

@@ -176,6 +176,9 @@ class Notifier:
 
     def _notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> None:
         context, msg, wire_priority = self._build(ctxt, event_type, payload, priority)
+        if not tracing.active():
+            self._deliver(context, msg, wire_priority)
+            return
         with tracing.publish_span(event_type, self.exchange, msg["message_id"]):
             self._deliver(tracing.inject(context), msg, wire_priority)
 
@@ -237,7 +240,9 @@ class BackgroundNotifier(Notifier):
         if self._closed.is_set():
             raise RuntimeError("this BackgroundNotifier was closed; build a new one")
         context, msg, wire_priority = self._build(ctxt, event_type, payload, priority)
-        item = (self, (tracing.inject(context), msg, wire_priority))
+        if tracing.active():
+            context = tracing.inject(context)
+        item = (self, (context, msg, wire_priority))
         if self.on_full == "block":
             self._queue.put(item)
             return

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["inject", "process_span", "publish_span"]
+__all__ = ["active", "inject", "process_span", "publish_span"]
 
 try:  # optional: the core stays light
     from opentelemetry import propagate, trace
@@ -22,6 +22,13 @@ except ImportError:  # pragma: no cover - exercised where OpenTelemetry is absen
     trace = None  # type: ignore[assignment]
 
 _TRACE_KEYS = ("traceparent", "tracestate")
+
+
+def active() -> bool:
+    """True once an OpenTelemetry tracer provider is configured; the hot path skips tracing
+    entirely otherwise (the API alone only hands out non-recording spans)."""
+    return trace is not None and not isinstance(trace.get_tracer_provider(),
+                                                trace.ProxyTracerProvider)
 
 
 @contextlib.contextmanager
