@@ -10,6 +10,7 @@ trace; without it, this module costs one check per message.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,11 +25,26 @@ except ImportError:  # pragma: no cover - exercised where OpenTelemetry is absen
 _TRACE_KEYS = ("traceparent", "tracestate")
 
 
+_configured = False
+_next_check = 0.0
+
+
 def active() -> bool:
     """True once an OpenTelemetry tracer provider is configured; the hot path skips tracing
-    entirely otherwise (the API alone only hands out non-recording spans)."""
-    return trace is not None and not isinstance(trace.get_tracer_provider(),
-                                                trace.ProxyTracerProvider)
+    entirely otherwise (the API alone only hands out non-recording spans).
+
+    A provider, once set, stays set, so a yes is remembered; a no is asked again at most once
+    a second, because asking reads the environment.
+    """
+    global _configured, _next_check
+    if _configured or trace is None:
+        return _configured
+    now = time.monotonic()
+    if now < _next_check:
+        return False
+    _next_check = now + 1.0
+    _configured = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    return _configured
 
 
 @contextlib.contextmanager
