@@ -1,0 +1,503 @@
+"""The zmq driver in one process, over real ZeroMQ TCP sockets on loopback: delivery to every
+group and one member of each, exchange isolation, requeue, prefetch, the window, hand-back on
+close, refusal of copies meant for a previous listener of a port, and the URL options.
+
+Each test uses its own in-memory registry (``zmq:///<uuid>``); processes, the sqlite and Redis
+registries, SIGKILL and TTL expiry are in test_zmq_processes.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import tidings
+from tidings import (
+    InvalidTransportOption,
+    InvalidTransportURL,
+    MessageDeliveryFailure,
+    NotificationResult,
+    Target,
+    Transport,
+)
+from tidings.drivers.zmq import ZmqDriver, protocol
+from tidings.matchmaker.base import Registration
+from tidings.transports.base import Binding, IncomingMessage, Listener, OutgoingMessage
+from tidings.transports.errors import TransportUnreachable
+
+WAIT = 15.0  # the bound on every wait; a healthy run needs a fraction of a second
+
+
+class Recorder:
+    """What each named listener handled, with a condition to wait on."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.handled: dict[str, list[int]] = defaultdict(list)
+
+    def add(self, name: str, i: int) -> None:
+        with self.cond:
+            self.handled[name].append(i)
+            self.cond.notify_all()
+
+    def wait(self, predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+        with self.cond:
+            if not self.cond.wait_for(predicate, timeout):
+                pytest.fail(f"timed out after {timeout}s waiting for {what}; handled so far: "
+                            f"{ {k: len(v) for k, v in self.handled.items()} }")
+
+    def ids(self, *names: str) -> list[int]:
+        with self.cond:
+            return sorted(i for n in names for i in self.handled[n])
+
+
+class Endpoint:
+    def __init__(self, rec: Recorder, name: str,
+                 decide: Callable[[int], str | None] | None = None) -> None:
+        self.rec, self.name, self.decide = rec, name, decide
+
+    def info(self, ctxt: Any, publisher_id: str, event_type: str, payload: Any,
+             metadata: Any) -> str | None:
+        verdict = self.decide(payload["i"]) if self.decide else None
+        if verdict != NotificationResult.REQUEUE:
+            self.rec.add(self.name, payload["i"])
+        return verdict
+
+
+def url(**options: Any) -> str:
+    query = "&".join(f"{k}={v}" for k, v in options.items())
+    return f"zmq:///t-{uuid.uuid4().hex[:12]}" + (f"?{query}" if query else "")
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def transport() -> Iterator[Transport]:
+    t = tidings.get_notification_transport(url(ttl=2))
+    yield t
+    t.cleanup()
+
+
+def driver_of(t: Transport) -> ZmqDriver:
+    drv = t._driver
+    assert isinstance(drv, ZmqDriver)
+    return drv
+
+
+def start_listener(t: Transport, rec: Recorder, name: str, *, pool: str | None = None,
+                   exchange: str | None = None, topic: str = "notifications",
+                   **kw: Any) -> tidings.NotificationListener:
+    decide = kw.pop("decide", None)
+    lst = tidings.get_notification_listener(t, [Target(topic, exchange)],
+                                            [Endpoint(rec, name, decide)], pool=pool, **kw)
+    lst.start()
+    return lst
+
+
+def stop_all(*listeners: tidings.NotificationListener) -> None:
+    for lst in listeners:
+        lst.stop()
+    for lst in listeners:
+        assert lst.wait(WAIT)
+
+
+def notify(t: Transport, ids: range, exchange: str | None = None,
+           topic: str = "notifications") -> None:
+    n = tidings.Notifier(t, publisher_id="test", topics=[topic], exchange=exchange,
+                         raise_on_failure=True)
+    for i in ids:
+        n.info({}, "test.event", {"i": i})
+
+
+def test_capabilities_say_what_a_brokerless_transport_does() -> None:
+    caps = ZmqDriver.capabilities
+    assert caps.pools and caps.requeue and caps.requeue_to_other_member and caps.exchanges
+    assert caps.prefetch and caps.at_least_once
+    assert not caps.stores_without_listener and not caps.durable
+    assert not caps.confirmed_send and not caps.dead_letter
+
+
+def test_notifications_arrive_once_and_are_acknowledged(transport: Transport) -> None:
+    rec = Recorder()
+    lst = start_listener(transport, rec, "a")
+    try:
+        notify(transport, range(200))
+        rec.wait(lambda: len(rec.handled["a"]) >= 200, "200 notifications")
+        assert rec.ids("a") == list(range(200))
+        # Every copy was acknowledged: the sender's window drains to zero.
+        wait_until(lambda: driver_of(transport)._sender.unacknowledged == 0, "acks")
+    finally:
+        stop_all(lst)
+
+
+def test_every_group_gets_one_copy_members_share(transport: Transport) -> None:
+    """The no-pool group and each pool get every message once; members of a group rotate."""
+    rec = Recorder()
+    members = {"plain1": None, "plain2": None, "a1": "a", "a2": "a", "b1": "b"}
+    # A small prefetch keeps the member that connects first from taking every message
+    # before the other has finished its handshake.
+    listeners = [start_listener(transport, rec, name, pool=pool, prefetch=8)
+                 for name, pool in members.items()]
+    try:
+        n = 120
+        groups = {"plain": ("plain1", "plain2"), "a": ("a1", "a2"), "b": ("b1",)}
+        # One message first: the sender connects to every member when it first looks the
+        # topic up, so by the time each group has handled it, rotation covers them all.
+        notify(transport, range(1))
+        for names in groups.values():
+            rec.wait(lambda names=names: len(rec.ids(*names)) >= 1, f"group {names} warm")
+        notify(transport, range(1, n))
+        for names in groups.values():
+            rec.wait(lambda names=names: len(rec.ids(*names)) >= n, f"group {names}")
+        for group, names in groups.items():
+            assert rec.ids(*names) == list(range(n)), f"group {group} got a wrong set"
+        for name in ("plain1", "plain2", "a1", "a2"):
+            assert rec.handled[name], f"{name} got nothing: members are not rotated"
+    finally:
+        stop_all(*listeners)
+
+
+def test_exchanges_are_isolated(transport: Transport) -> None:
+    rec = Recorder()
+    on_a = start_listener(transport, rec, "A", exchange="exchange-a")
+    on_b = start_listener(transport, rec, "B", exchange="exchange-b", pool="p")
+    try:
+        drv = driver_of(transport)
+        assert drv.registered("exchange-a", "notifications.info") == {"": 1}
+        assert drv.registered("exchange-b", "notifications.info") == {"p": 1}
+        assert drv.registered("exchange-c", "notifications.info") == {}
+        notify(transport, range(0, 30), exchange="exchange-a")
+        notify(transport, range(100, 130), exchange="exchange-b")
+        rec.wait(lambda: len(rec.handled["A"]) >= 30 and len(rec.handled["B"]) >= 30,
+                 "both exchanges")
+        assert rec.ids("A") == list(range(0, 30))
+        assert rec.ids("B") == list(range(100, 130))
+    finally:
+        stop_all(on_a, on_b)
+
+
+def test_a_message_sent_without_listener_is_not_delivered(transport: Transport) -> None:
+    rec = Recorder()
+    notify(transport, range(0, 5))  # nobody is registered: not delivered, not stored
+    lst = start_listener(transport, rec, "late")
+    try:
+        notify(transport, range(5, 10))  # seen at once: the listener registered in start()
+        rec.wait(lambda: len(rec.handled["late"]) >= 5, "the messages sent after start")
+        assert rec.ids("late") == list(range(5, 10))
+    finally:
+        stop_all(lst)
+
+
+def test_other_transports_of_the_process_see_a_new_listener_at_once() -> None:
+    """Registrations made in this process invalidate every sender's cached lookups at once,
+    even with a long lookup_interval (which only governs other processes' changes)."""
+    where = f"zmq:///t-{uuid.uuid4().hex[:12]}"
+    sending = tidings.get_notification_transport(f"{where}?lookup_interval=600")
+    receiving = tidings.get_notification_transport(f"{where}?ttl=5")
+    rec = Recorder()
+    lst = None
+    try:
+        notify(sending, range(0, 3))  # cached: nobody listens
+        lst = start_listener(receiving, rec, "r")
+        notify(sending, range(3, 6))
+        rec.wait(lambda: len(rec.handled["r"]) >= 3, "the messages sent after start")
+        assert rec.ids("r") == [3, 4, 5]
+    finally:
+        if lst is not None:
+            stop_all(lst)
+        sending.cleanup()
+        receiving.cleanup()
+
+
+def test_requeued_messages_go_to_another_member(transport: Transport) -> None:
+    rec = Recorder()
+    refusing = start_listener(transport, rec, "refuser", pool="p", allow_requeue=True,
+                              decide=lambda i: NotificationResult.REQUEUE)
+    taking = None
+    try:
+        notify(transport, range(40))
+        # Alone in its pool, the refuser gets every message back after requeueing it...
+        wait_until(lambda: refusing.stats.snapshot()["requeued"] >= 40, "40 requeues")
+        # ...and once another member joins, the requeued messages go there instead.
+        taking = start_listener(transport, rec, "taker", pool="p", allow_requeue=True)
+        rec.wait(lambda: len(rec.handled["taker"]) >= 40, "every message at the taker")
+        assert rec.ids("taker") == list(range(40))
+    finally:
+        stop_all(refusing, *([taking] if taking else []))
+
+
+def test_requeue_with_a_single_member_comes_back_to_it(transport: Transport) -> None:
+    rec = Recorder()
+    seen: Counter[int] = Counter()
+
+    def once(i: int) -> str | None:
+        seen[i] += 1
+        return NotificationResult.REQUEUE if seen[i] == 1 else None
+
+    lst = start_listener(transport, rec, "only", allow_requeue=True, decide=once)
+    try:
+        notify(transport, range(10))
+        rec.wait(lambda: len(rec.handled["only"]) >= 10, "the requeued messages")
+        assert rec.ids("only") == list(range(10))
+        assert all(seen[i] == 2 for i in range(10))
+    finally:
+        stop_all(lst)
+
+
+# -- driver-level: what poll() hands over --------------------------------------------------------
+def send_raw(t: Transport, ids: range, exchange: str = "ex", topic: str = "rk") -> None:
+    drv = driver_of(t)
+    for i in ids:
+        drv.send(OutgoingMessage(exchange, topic, str(i).encode(), f"m{i}"), timeout=5)
+
+
+def poll_until(listener: Listener, count: int, timeout: float = WAIT) -> list[IncomingMessage]:
+    got: list[IncomingMessage] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"polled {len(got)} of {count} messages in {timeout}s")
+        got.extend(listener.poll(0.05))
+    return got
+
+
+def settle_all(listener: Listener, messages: list[IncomingMessage], drv: ZmqDriver) -> None:
+    """Acknowledge, then keep polling (acks leave in the next poll) until the window is empty;
+    nothing else may arrive meanwhile."""
+    for msg in messages:
+        msg.ack()
+    deadline = time.monotonic() + WAIT
+    while drv._sender.unacknowledged:
+        assert time.monotonic() < deadline, "acknowledgements never reached the sender"
+        assert not listener.poll(0.02), "a message arrived twice"
+
+
+def test_prefetch_bounds_unsettled_messages(transport: Transport) -> None:
+    drv = driver_of(transport)
+    lst = drv.listen([Binding("ex", "rk")], None, 3)
+    try:
+        send_raw(transport, range(10))
+        held = poll_until(lst, 3)
+        assert len(held) == 3
+        # Seven more are waiting, but none is handed over while three are unsettled.
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            assert not lst.poll(0.05)
+        held[0].ack()
+        more = poll_until(lst, 1)
+        assert len(more) == 1
+        for msg in held[1:] + more:
+            msg.ack()
+        rest: list[IncomingMessage] = []
+        deadline = time.monotonic() + WAIT
+        while len(rest) < 6 and time.monotonic() < deadline:
+            batch = lst.poll(0.05)
+            assert len(batch) <= 3
+            for msg in batch:
+                msg.ack()
+            rest.extend(batch)
+        assert sorted(int(m.body) for m in held + more + rest) == list(range(10))
+    finally:
+        lst.close()
+
+
+def test_closing_a_listener_hands_its_messages_to_another_member(transport: Transport) -> None:
+    drv = driver_of(transport)
+    # A credit (prefetch) of 10 each: neither member can take all 40 before acknowledging,
+    # whichever finishes its handshake with the sender first.
+    first = drv.listen([Binding("ex", "rk")], "pool", 10)
+    second = drv.listen([Binding("ex", "rk")], "pool", 10)
+    try:
+        send_raw(transport, range(40))
+        held = poll_until(first, 10)
+        assert not any(m.redelivered for m in held)
+        first.close()  # unsettled: they go back, as if requeued
+        assert all(m.settled == "requeue" for m in held)
+        got: list[IncomingMessage] = []
+        deadline = time.monotonic() + WAIT
+        while len(got) < 40:
+            assert time.monotonic() < deadline, f"the second member got {len(got)} of 40"
+            batch = second.poll(0.05)
+            for msg in batch:
+                msg.ack()
+            got.extend(batch)
+        assert sorted(int(m.body) for m in got) == list(range(40))
+        assert {int(m.body) for m in got if m.redelivered} >= {int(m.body) for m in held}
+        settle_all(second, [], drv)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_refused_copy_goes_to_the_right_listener(transport: Transport) -> None:
+    """A copy addressed to a listener that used to hold the port is refused and resent."""
+    drv = driver_of(transport)
+    real = drv.listen([Binding("ex", "rk")], "pool", 50)
+    assert isinstance(real.address, str)  # type: ignore[attr-defined]
+    endpoint = real.endpoint  # type: ignore[attr-defined]
+    ghost = protocol.format_member(endpoint, uuid.uuid4().bytes, 50)
+    drv.matchmaker.register([Registration("ex", "rk", "pool", ghost)], ttl=30)
+    try:
+        send_raw(transport, range(30))
+        got = poll_until(real, 30)
+        assert sorted(int(m.body) for m in got) == list(range(30))
+        settle_all(real, got, drv)
+        # Nothing more arrives: each message went exactly once to the real listener.
+        assert not real.poll(0.2)
+    finally:
+        drv.matchmaker.unregister([Registration("ex", "rk", "pool", ghost)])
+        real.close()
+
+
+def test_a_full_window_makes_send_wait_then_fail() -> None:
+    t = tidings.get_notification_transport(url(ack_window=4, send_timeout=0.3, flush_timeout=0))
+    drv = driver_of(t)
+    lst = drv.listen([Binding("ex", "rk")], None, 100)  # never polled: never acknowledges
+    try:
+        send_raw(t, range(4))
+        began = time.monotonic()
+        with pytest.raises(TransportUnreachable, match="ack_window=4"):
+            drv.send(OutgoingMessage("ex", "rk", b"5", "m5"), timeout=0.3)
+        assert time.monotonic() - began >= 0.25
+        with pytest.raises(MessageDeliveryFailure):
+            t.send_raw(Target("rk", "ex"), b"6", message_id="m6", retry=0)
+    finally:
+        lst.close()
+        t.cleanup()
+
+
+def test_cleanup_flushes_the_window() -> None:
+    where = url()
+    receiving = tidings.get_notification_transport(where)
+    sending = tidings.get_notification_transport(where)
+    rec = Recorder()
+    lst = start_listener(receiving, rec, "r")
+    try:
+        notify(sending, range(300))
+        sending.cleanup()  # returns once the 300 copies are acknowledged (or flush_timeout)
+        assert driver_of(sending)._sender.unacknowledged == 0
+        rec.wait(lambda: len(rec.handled["r"]) >= 300, "the flushed messages")
+    finally:
+        stop_all(lst)
+        receiving.cleanup()
+
+
+def test_copies_of_a_group_that_vanished_are_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    t = tidings.get_notification_transport(url(ttl=0.3))
+    drv = driver_of(t)
+    lst = drv.listen([Binding("ex", "rk")], "gone", 2)
+    try:
+        send_raw(t, range(6))
+        poll_until(lst, 2)
+        with caplog.at_level(logging.WARNING, logger="tidings.drivers.zmq.sender"):
+            lst.close()  # hands back 2, and no member is left to take any of the 6
+            wait_until(lambda: drv._sender.unacknowledged == 0, "the orphans to be dropped")
+        assert "no registered listener" in caplog.text
+    finally:
+        t.cleanup()
+
+
+def test_listener_binds_in_the_port_range() -> None:
+    import socket
+
+    with socket.socket() as probe:  # find a free port to build a range of one around it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    t = tidings.get_notification_transport(url(port_min=port, port_max=port))
+    drv = driver_of(t)
+    lst = drv.listen([Binding("ex", "rk")], None, 4)
+    try:
+        assert lst.endpoint == f"tcp://127.0.0.1:{port}"  # type: ignore[attr-defined]
+        with pytest.raises(OSError, match="no free port"):
+            drv.listen([Binding("ex", "rk")], None, 4)
+    finally:
+        lst.close()
+        t.cleanup()
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("ttl=0", "ttl"),
+    ("ack_window=0", "ack_window"),
+    ("port_min=5000", "port_min"),
+    ("port_min=10&port_max=5", "port_min"),
+    ("ack_timeout=-1", "ack_timeout"),
+    ("colour=red", "unknown option"),
+])
+def test_bad_options_fail_when_the_transport_is_built(bad: str, match: str) -> None:
+    with pytest.raises(InvalidTransportOption, match=match):
+        tidings.get_notification_transport(f"zmq:///x?{bad}")
+
+
+def test_matchmaker_from_scheme_or_query(tmp_path: Any) -> None:
+    by_query = tidings.get_notification_transport(f"zmq:///{tmp_path}/a.db?matchmaker=sqlite")
+    by_scheme = tidings.get_notification_transport(f"zmq+sqlite:///{tmp_path}/a.db")
+    try:
+        assert driver_of(by_query).matchmaker.name == "sqlite"
+        assert driver_of(by_scheme).matchmaker.name == "sqlite"
+    finally:
+        by_query.cleanup()
+        by_scheme.cleanup()
+    with pytest.raises(InvalidTransportOption, match="give one of them"):
+        tidings.get_notification_transport("zmq+redis://127.0.0.1/0?matchmaker=sqlite")
+    with pytest.raises(InvalidTransportURL, match="takes no host"):
+        tidings.get_notification_transport("zmq://somehost/")
+    with pytest.raises(tidings.DriverLoadFailure, match="no tidings matchmaker"):
+        tidings.get_notification_transport("zmq+nosuch://")
+
+
+def test_passwords_stay_out_of_descriptions() -> None:
+    t = tidings.get_notification_transport("zmq+redis://user:s3cret@127.0.0.1:6379/0")
+    try:
+        assert "s3cret" not in driver_of(t).describe()
+        assert "s3cret" not in repr(t)
+    finally:
+        t.cleanup()
+
+
+def test_pool_name_must_not_be_empty(transport: Transport) -> None:
+    with pytest.raises(ValueError, match="pool"):
+        driver_of(transport).listen([Binding("ex", "rk")], "", 4)
+
+
+def test_join_consumer_pool_over_zmq(transport: Transport) -> None:
+    got: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def callback(message: dict[str, Any]) -> None:
+        got.append(message)
+        if len(got) == 20:
+            done.set()
+
+    handle = transport.join_consumer_pool(callback, "raw-pool", "notifications.info")
+    try:
+        notify(transport, range(20))
+        assert done.wait(WAIT)
+        assert sorted(m["payload"]["i"] for m in got) == list(range(20))
+    finally:
+        assert handle.stop(WAIT)
+
+
+def test_an_unreachable_registry_fails_sends_and_listeners_clearly() -> None:
+    t = tidings.get_notification_transport("zmq+redis://127.0.0.1:1/0?namespace=down")
+    try:
+        with pytest.raises(MessageDeliveryFailure, match="unreachable"):
+            t.send_raw(Target("rk", "ex"), b"{}", message_id="m1", retry=0)
+        lst = tidings.get_notification_listener(t, [Target("notifications")],
+                                                [Endpoint(Recorder(), "x")])
+        with pytest.raises(TransportUnreachable, match="unreachable"):
+            lst.start()  # the listener cannot register: it fails in start(), in the caller
+    finally:
+        t.cleanup()
