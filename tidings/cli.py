@@ -7,11 +7,15 @@ bare traceback, and never a password.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
+import os
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -24,13 +28,14 @@ from tidings.notify.listener import get_notification_listener
 from tidings.notify.notifier import Notifier
 from tidings.transports.errors import DriverLoadFailure, TidingsError
 from tidings.transports.loader import available_drivers, load_driver_class
-from tidings.transports.transport import Target, get_notification_transport
+from tidings.transports.transport import Target, Transport, get_notification_transport
 from tidings.transports.url import mask_password
 
 __all__ = ["main"]
 
 EXAMPLES = {
-    "demo": "tidings demo\n  tidings demo rabbit://guest:guest@127.0.0.1:5672/ --count 300",
+    "demo": "tidings demo\n  tidings demo --processes\n"
+            "  tidings demo rabbit://guest:guest@127.0.0.1:5672/ --count 300",
     "drivers": "tidings drivers",
     "listen": "tidings listen rabbit://guest:guest@127.0.0.1:5672/ --topic notifications "
               "--exchange nova --pool debug-tail --filter event_type='^compute\\.'",
@@ -70,10 +75,106 @@ def _wait_until(predicate: Any, timeout: float) -> bool:
     return True
 
 
-def run_demo(url: str, count: int, members: int, timeout: float, out: Any) -> int:
-    """Start the no-pool group and two pools, send ``count`` notifications, check the split."""
+class _ThreadMembers:
+    """Demo members as listeners in this process."""
+
+    def __init__(self, transport: Transport, target: Target) -> None:
+        self.transport, self.target, self.listeners = transport, target, []
+
+    def start(self, member: _Member, pool: str | None) -> None:
+        listener = get_notification_listener(self.transport, [self.target], [member], pool=pool)
+        listener.start()
+        self.listeners.append(listener)
+
+    def ready(self, timeout: float) -> bool:
+        return True  # start() returned: the listener is consuming
+
+    def stop(self) -> None:
+        for listener in self.listeners:
+            listener.stop()
+        for listener in self.listeners:
+            listener.wait(10)
+
+
+class _ProcessMembers:
+    """Demo members as separate processes (``tidings _member``), each a listener that reports
+    what it receives on stdout and stops when its stdin closes."""
+
+    def __init__(self, url: str, target: Target) -> None:
+        self.url, self.target = url, target
+        self.procs: list[tuple[subprocess.Popen[str], threading.Event]] = []
+
+    def start(self, member: _Member, pool: str | None) -> None:
+        cmd = [sys.executable, "-m", "tidings.cli", "_member", self.url,
+               "--exchange", str(self.target.exchange), "--topic", self.target.topic]
+        if pool is not None:
+            cmd += ["--pool", pool]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = threading.Event()
+        member.name += f" pid {proc.pid}"
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.strip()
+                if line == "ready":
+                    ready.set()
+                elif line.isdigit():
+                    with member.lock:
+                        member.ids.append(line)
+
+        threading.Thread(target=read, daemon=True).start()
+        self.procs.append((proc, ready))
+
+    def ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        return all(ev.wait(max(0.0, deadline - time.monotonic())) for _, ev in self.procs)
+
+    def stop(self) -> None:
+        for proc, _ in self.procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc, _ in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def run_member(args: argparse.Namespace) -> int:
+    """``tidings _member``: one demo listener process (see _ProcessMembers)."""
+    transport = get_notification_transport(args.url)
+    lock = threading.Lock()
+
+    class Echo:
+        def info(self, ctxt: Any, publisher_id: Any, event_type: Any, payload: Any,
+                 metadata: Any) -> None:
+            with lock:
+                print(payload["n"], flush=True)
+
+    listener = get_notification_listener(
+        transport, [Target(args.topic, exchange=args.exchange)], [Echo()], pool=args.pool)
+    listener.start()
+    print("ready", flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    listener.stop()
+    listener.wait(10)
+    transport.cleanup()
+    return 0
+
+
+def run_demo(url: str, count: int, members: int, timeout: float, out: Any,
+             processes: bool = False) -> int:
+    """Start the no-pool group and two pools, send ``count`` notifications, check the split.
+
+    With ``processes``, every member is a separate process, so the split is across processes
+    (on ZeroMQ with the sqlite matchmaker this needs nothing installed).
+    """
     transport = get_notification_transport(url)
     try:
+        if processes and transport.url.driver in ("memory", "fake"):
+            raise CLIError("memory:// lives inside one process; for --processes use "
+                           "zmq+sqlite:////tmp/tidings-demo.db or a broker URL")
         pools: list[str | None] = [None]
         if transport.capabilities.pools:
             pools += ["audit", "billing"]
@@ -82,67 +183,73 @@ def run_demo(url: str, count: int, members: int, timeout: float, out: Any) -> in
                   f"showing the no-pool group only", file=out)
         run = uuid.uuid4().hex[:8]
         target = Target("demo", exchange=f"tidings-demo-{run}")
+        runner: _ThreadMembers | _ProcessMembers = (
+            _ProcessMembers(url, target) if processes else _ThreadMembers(transport, target))
         groups: dict[str | None, list[_Member]] = {}
-        listeners = []
-        for pool in pools:
-            label = pool or "(no pool)"
-            groups[pool] = [_Member(label, f"{(pool or 'group')[0]}{i + 1}")
-                            for i in range(members)]
-            for member in groups[pool]:
-                listener = get_notification_listener(
-                    transport, [target], [member],
-                    pool=None if pool is None else f"tidings-demo-{run}-{pool}")
-                listener.start()
-                listeners.append(listener)
-        notifier = Notifier(transport, "tidings.demo", topics=[target.topic],
-                            exchange=target.exchange, retry=3, raise_on_failure=True)
-        began = time.perf_counter()
-        sent = [str(i) for i in range(count)]
-        for n in sent:
-            notifier.info({"demo_run": run}, "demo.tick", {"n": n})
+        try:
+            for pool in pools:
+                label = pool or "(no pool)"
+                groups[pool] = [_Member(label, f"{(pool or 'group')[0]}{i + 1}")
+                                for i in range(members)]
+                for member in groups[pool]:
+                    runner.start(member, None if pool is None else f"tidings-demo-{run}-{pool}")
+            if not runner.ready(timeout):
+                raise CLIError(f"the demo's listener processes were not ready within "
+                               f"{timeout:.0f}s")
+            notifier = Notifier(transport, "tidings.demo", topics=[target.topic],
+                                exchange=target.exchange, retry=3, raise_on_failure=True)
+            began = time.perf_counter()
+            sent = [str(i) for i in range(count)]
+            for n in sent:
+                notifier.info({"demo_run": run}, "demo.tick", {"n": n})
 
-        def all_in() -> bool:
-            return all(sum(len(m.ids) for m in ms) >= count for ms in groups.values())
+            def all_in() -> bool:
+                return all(sum(len(m.ids) for m in ms) >= count for ms in groups.values())
 
-        arrived = _wait_until(all_in, timeout)
-        elapsed = time.perf_counter() - began
-        for listener in listeners:
-            listener.stop()
-        for listener in listeners:
-            listener.wait(10)
-
-        print(f"tidings demo on {transport.url.masked()} ({transport.driver_name} driver): "
-              f"{count} notifications to {target.exchange}/{target.topic}.info "
-              f"in {elapsed:.2f}s\n", file=out)
-        print(f"{'group or pool':<16}{'member':<8}{'received':>9}", file=out)
-        for ms in groups.values():
-            for m in ms:
-                print(f"{m.group:<16}{m.name:<8}{len(m.ids):>9}", file=out)
-        print(file=out)
-        failures = 0
-        for ms in groups.values():
-            got = [i for m in ms for i in m.ids]
-            label = ms[0].group
-            checks = [
-                (sorted(got, key=int) == sent,
-                 f"each notification reached exactly one member of {label}",
-                 f"{label}: {len(set(sent) - set(got))} lost, "
-                 f"{len(got) - len(set(got))} duplicated"),
-                (count < members or all(m.ids for m in ms),
-                 f"every member of {label} received some",
-                 f"{label}: a member received nothing"),
-            ]
-            for ok, good, bad in checks:
-                print(f"  {'ok  ' if ok else 'FAIL'} {good if ok else bad}", file=out)
-                failures += not ok
-        if not arrived:
-            print(f"  FAIL not every notification arrived within {timeout:.0f}s", file=out)
-            failures += 1
-        print(f"\n{'all pool guarantees hold' if not failures else f'{failures} check(s) failed'}",
-              file=out)
-        return 0 if not failures else 1
+            arrived = _wait_until(all_in, timeout)
+            elapsed = time.perf_counter() - began
+        finally:
+            runner.stop()
+        where = "separate processes" if processes else "threads of this process"
+        print(f"tidings demo on {transport.url.masked()} ({transport.driver_name} driver, "
+              f"listeners in {where}): {count} notifications to "
+              f"{target.exchange}/{target.topic}.info in {elapsed:.2f}s\n", file=out)
+        return _report(groups, sent, members, arrived, timeout, out)
     finally:
         transport.cleanup()
+
+
+def _report(groups: dict[str | None, list[_Member]], sent: list[str], members: int,
+            arrived: bool, timeout: float, out: Any) -> int:
+    """Print who received what and check the pool guarantees; the exit status."""
+    width = max(8, *(len(m.name) + 2 for ms in groups.values() for m in ms))
+    print(f"{'group or pool':<16}{'member':<{width}}{'received':>9}", file=out)
+    for ms in groups.values():
+        for m in ms:
+            print(f"{m.group:<16}{m.name:<{width}}{len(m.ids):>9}", file=out)
+    print(file=out)
+    failures = 0
+    for ms in groups.values():
+        got = [i for m in ms for i in m.ids]
+        label = ms[0].group
+        checks = [
+            (sorted(got, key=int) == sent,
+             f"each notification reached exactly one member of {label}",
+             f"{label}: {len(set(sent) - set(got))} lost, "
+             f"{len(got) - len(set(got))} duplicated"),
+            (len(sent) < members or all(m.ids for m in ms),
+             f"every member of {label} received some",
+             f"{label}: a member received nothing"),
+        ]
+        for ok, good, bad in checks:
+            print(f"  {'ok  ' if ok else 'FAIL'} {good if ok else bad}", file=out)
+            failures += not ok
+    if not arrived:
+        print(f"  FAIL not every notification arrived within {timeout:.0f}s", file=out)
+        failures += 1
+    print(f"\n{'all pool guarantees hold' if not failures else f'{failures} check(s) failed'}",
+          file=out)
+    return 0 if not failures else 1
 
 
 # -- drivers ------------------------------------------------------------------------------
@@ -341,6 +448,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--members", type=int, default=2, help="members per group/pool (2)")
     demo.add_argument("--timeout", type=float, default=30.0,
                       help="seconds to wait for delivery (30)")
+    demo.add_argument("--processes", action="store_true",
+                      help="run every member as a separate process (default URL then: "
+                           "ZeroMQ with an sqlite matchmaker in a temporary file)")
+    member = sub.add_parser("_member", help=argparse.SUPPRESS)
+    member.add_argument("url")
+    member.add_argument("--exchange", required=True)
+    member.add_argument("--topic", required=True)
+    member.add_argument("--pool", default=None)
 
     add("drivers", "list installed drivers (plug-ins included) and their capabilities")
 
@@ -396,8 +511,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             if args.count < 1 or args.members < 1:
                 raise CLIError("--count and --members must be at least 1")
-            url = args.url or f"memory:///demo-{uuid.uuid4().hex[:8]}"
-            return run_demo(url, args.count, args.members, args.timeout, out)
+            if args.url:
+                url = args.url
+            elif args.processes:
+                registry = os.path.join(tempfile.gettempdir(),
+                                        f"tidings-demo-{uuid.uuid4().hex[:8]}.db")
+                url = f"zmq+sqlite:///{registry}"  # an absolute path: four slashes in all
+            else:
+                url = f"memory:///demo-{uuid.uuid4().hex[:8]}"
+            try:
+                return run_demo(url, args.count, args.members, args.timeout, out,
+                                processes=args.processes)
+            finally:
+                if not args.url and args.processes:
+                    for suffix in ("", "-wal", "-shm"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(registry + suffix)
+        if args.command == "_member":
+            return run_member(args)
         if args.command == "drivers":
             return run_drivers(out)
         if args.command == "listen":

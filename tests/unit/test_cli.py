@@ -86,3 +86,18 @@ def test_bench_on_memory_writes_json(tmp_path: pytest.TempPathFactory) -> None:
     assert result["publish_rate"] > 0 and result["drain_rate"] > 0 and result["e2e_rate"] > 0
     assert result["latency_ms"]["p99"] >= result["latency_ms"]["p50"] >= 0
     assert not result["notes"]
+
+
+def test_demo_across_processes_on_zmq_with_the_sqlite_matchmaker() -> None:
+    proc = tidings("demo", "--processes", "--count", "30", timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "listeners in separate processes" in proc.stdout
+    assert "zmq driver" in proc.stdout
+    pids = {line.split("pid")[1].split()[0] for line in proc.stdout.splitlines() if " pid " in line}
+    assert len(pids) == 6  # every member its own process
+    assert "all pool guarantees hold" in proc.stdout
+
+
+def test_demo_processes_refuses_memory() -> None:
+    proc = tidings("demo", "memory://", "--processes")
+    assert proc.returncode == 2 and "lives inside one process" in proc.stderr

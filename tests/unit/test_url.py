@@ -28,6 +28,8 @@ ROUND_TRIP = [
     "rabbit://host/?a=1&a=2&b=",
     "zmq+redis://127.0.0.1:6379/0",
     "zmq+sqlite:///tmp/registry.db",
+    "zmq+sqlite:////tmp/registry.db",
+    "zmq+sqlite:///%2Ftmp/registry.db",
     "amqp://u:p%40ss%3Aw%2Frd@host:5672/v",
 ]
 
@@ -127,6 +129,12 @@ def test_mask_password_in_free_text() -> None:
     assert SECRET not in masked
     assert masked.count("****") == 3
     assert mask_password("rabbit://host:5672/") == "rabbit://host:5672/"
+
+
+def test_programmatic_vhost_is_formatted_canonically() -> None:
+    url = TransportURL("rabbit", (TransportHost("h"),), "/")
+    assert str(url) == "rabbit://h/%2F"
+    assert TransportURL.parse("zmq+sqlite:////tmp/x.db").virtual_host == "/tmp/x.db"
 
 
 def test_with_query() -> None:

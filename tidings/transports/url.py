@@ -83,6 +83,9 @@ class TransportURL:
     hosts: tuple[TransportHost, ...] = ()
     virtual_host: str | None = None
     query_items: tuple[tuple[str, str], ...] = ()
+    # The virtual host as it was written, so str() gives back exactly what was parsed
+    # ('%2F' and '//' both mean a leading '/', and each has its users).
+    _vhost_text: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def driver(self) -> str:
@@ -136,7 +139,8 @@ class TransportURL:
             raise InvalidTransportURL(f"invalid transport URL {shown!r}: empty host between commas")
         virtual_host = unquote(path) if slash else None
         return cls(transport=scheme, hosts=hosts, virtual_host=virtual_host,
-                   query_items=cls._parse_query(query_text, shown))
+                   query_items=cls._parse_query(query_text, shown),
+                   _vhost_text=path if slash else None)
 
     @staticmethod
     def _parse_host(text: str, shown: str) -> TransportHost:
@@ -196,14 +200,17 @@ class TransportURL:
     def with_query(self, items: Iterable[tuple[str, str]] | Mapping[str, str]) -> TransportURL:
         """A copy with other query options; handy for tests and the CLI."""
         pairs = tuple(items.items()) if isinstance(items, Mapping) else tuple(items)
-        return TransportURL(self.transport, self.hosts, self.virtual_host, pairs)
+        return TransportURL(self.transport, self.hosts, self.virtual_host, pairs,
+                            self._vhost_text)
 
     def _format(self, mask: bool) -> str:
         out = f"{self.transport}://" + ",".join(h._format(mask) for h in self.hosts)
         if self.virtual_host is not None:
-            vhost = quote(self.virtual_host, safe="/")
-            if vhost.startswith("/"):
-                vhost = "%2F" + vhost[1:]
+            vhost = self._vhost_text
+            if vhost is None or unquote(vhost) != self.virtual_host:
+                vhost = quote(self.virtual_host, safe="/")
+                if vhost.startswith("/"):
+                    vhost = "%2F" + vhost[1:]
             out += "/" + vhost
         if self.query_items:
             out += "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe=',/:')}"
