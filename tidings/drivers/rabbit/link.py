@@ -1,0 +1,273 @@
+"""One AMQP connection with one channel, opened with failover across the URL's hosts.
+
+kombu opens the connection (URL parts, TLS, heartbeat negotiation, client properties) on
+py-amqp; the driver then talks to py-amqp's channel directly, because kombu's consumer and
+producer layers add a per-message cost (decoding, a Message wrapper, a lock) that the hot paths do
+not need: the core already has the bytes it wants and settles each message itself.
+
+py-amqp reads each frame with three exact-size ``recv()`` calls (header, payload, end octet), so
+draining a queue costs nine system calls per message. :class:`BufferedReader` replaces the
+transport's read function with one that reads up to 64 KiB at a time and serves frames from the
+buffer; it keeps py-amqp's contract (return exactly ``n`` bytes, honour the partial-frame
+push-back py-amqp does on a timeout), and on its own it raises a drain from about 12,000 to about
+17,000 messages a second on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+from typing import Any
+
+import amqp
+import amqp.exceptions
+import kombu
+import kombu.exceptions
+
+from tidings.drivers.rabbit.options import Endpoint, Settings
+from tidings.transports.errors import TransportUnreachable
+from tidings.transports.url import mask_password
+
+__all__ = ["LINK_ERRORS", "BufferedReader", "Link", "LinkRefused", "open_link"]
+
+LOG = logging.getLogger("tidings.drivers.rabbit")
+
+#: What a broken or refused connection raises on any AMQP call: the driver's cue to drop the
+#: link and reconnect (listener) or report TransportUnreachable (publisher).
+LINK_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, EOFError, amqp.exceptions.AMQPError, kombu.exceptions.OperationalError)
+
+_RETRY_ERRNOS = (errno.EAGAIN, errno.EINTR)
+_CHUNK = 65536
+_HEADER = struct.Struct(">BHI")
+_FRAME_END = 0xCE
+
+
+class LinkRefused(TransportUnreachable):
+    """The broker answered and said no (bad credentials, no permission on the virtual host).
+
+    A retry cannot fix it, so the publisher reports it without retrying; a listener keeps
+    trying (an operator may be fixing permissions) and logs it as an error.
+    """
+
+
+class BufferedReader:
+    """Serve py-amqp's ``transport._read(n)`` from a 64 KiB buffer (see the module docstring)."""
+
+    __slots__ = ("_buf", "_pos", "_read_frame", "_recv", "_transport")
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._recv = transport.sock.recv
+        self._buf = b""
+        self._pos = 0
+        self._read_frame = transport.read_frame
+        transport._read = self.read
+
+    def read_frame(self) -> tuple[int, int, bytes]:
+        """A whole buffered frame in one step, else py-amqp's own ``read_frame``.
+
+        A frame is a 7-byte header (type, channel, size), ``size`` bytes and the end octet
+        0xCE; when all of it is in the buffer, slicing it out directly saves py-amqp's three
+        reads. Anything else (a partial frame, a bad end octet) goes through py-amqp, which
+        reads the rest or raises its own error.
+        """
+        buf, pos = self._buf, self._pos
+        if not self._transport._read_buffer and len(buf) - pos >= 8:
+            frame_type, channel, size = _HEADER.unpack_from(buf, pos)
+            end = pos + 7 + size
+            if end < len(buf) and buf[end] == _FRAME_END:
+                self._pos = end + 1
+                return frame_type, channel, buf[pos + 7:end]
+        return self._read_frame()
+
+    def read(self, n: int, initial: bool = False) -> bytes:
+        t = self._transport
+        if t._read_buffer:
+            # py-amqp pushes a half-read frame back here when a read times out.
+            self._buf = t._read_buffer + self._buf[self._pos:]
+            self._pos = 0
+            t._read_buffer = b""
+        pos = self._pos
+        end = pos + n
+        if end <= len(self._buf):
+            self._pos = end
+            return self._buf[pos:end]
+        buf = self._buf[pos:]
+        while len(buf) < n:
+            try:
+                chunk = self._recv(_CHUNK)
+            except OSError as exc:
+                if exc.errno in _RETRY_ERRNOS:
+                    if initial and t.raise_on_initial_eintr:
+                        # A non-blocking poll (py-amqp drains with timeout=0 before every
+                        # publish) found nothing: report it as py-amqp's own reader does.
+                        self._buf, self._pos = buf, 0
+                        raise TimeoutError() from None
+                    continue
+                self._buf, self._pos = buf, 0
+                raise
+            if not chunk:
+                self._buf, self._pos = buf, 0
+                raise OSError("Server unexpectedly closed connection")
+            buf += chunk
+        self._buf, self._pos = buf, n
+        return buf[:n]
+
+    def frame_ready(self) -> bool:
+        """True when a whole frame is buffered, so reading it needs no system call.
+
+        It changes nothing, so a thread that does not hold the connection's lock may call it
+        for a hint (the publisher does, before waiting in select()); under the lock it is exact.
+        """
+        buf, pos = self._buf, self._pos
+        pushed = self._transport._read_buffer
+        if pushed:  # rare: a read timed out halfway through a frame
+            buf, pos = pushed + buf[pos:], 0
+        avail = len(buf) - pos
+        if avail < 8:
+            return False
+        return avail >= int.from_bytes(buf[pos + 3:pos + 7], "big") + 8
+
+
+class Link:
+    """An open connection and its one channel, with the frame-level calls the driver uses."""
+
+    def __init__(self, kconn: kombu.Connection, endpoint: Endpoint) -> None:
+        self.kombu = kconn
+        self.endpoint = endpoint
+        self.conn: amqp.Connection = kconn.connection
+        transport = self.conn.transport
+        self.sock: socket.socket = transport.sock
+        self.reader = BufferedReader(transport)
+        self._read_frame = self.reader.read_frame
+        self._on_frame = self.conn.on_inbound_frame
+        self.channel: Any = self.open_channel()
+        self.alive = True
+        self._timeout: float | None = self.sock.gettimeout()
+
+    def set_timeout(self, seconds: float) -> None:
+        """Set the socket timeout, skipping the call when it would not change anything.
+
+        ``socket.settimeout()`` costs two fcntl() calls and, worse, releases the GIL: with a
+        notifier and a listener in one process, each call can wait for the other thread. py-amqp
+        restores the previous timeout after its own waits, so remembering ours is safe.
+        """
+        if seconds != self._timeout:
+            self.sock.settimeout(seconds)
+            self._timeout = seconds
+
+    def open_channel(self) -> Any:
+        channel = self.conn.channel()
+        # py-amqp decodes bodies that carry a content_encoding into str by default; the core
+        # wants the bytes as sent (and decodes them once, itself).
+        channel.auto_decode = False
+        return channel
+
+    def read_frame(self) -> bool:
+        """Read and dispatch one frame; True when it completed a method (e.g. a delivery)."""
+        return bool(self._on_frame(self._read_frame()))
+
+    def readable(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for something to read, without reading it (changes nothing,
+        like ``frame_ready``, so it may be called without the connection's lock)."""
+        if self.reader.frame_ready():
+            return True
+        pending = getattr(self.sock, "pending", None)  # TLS: decrypted bytes already held
+        if pending is not None and pending():
+            return True
+        try:
+            ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        except (OSError, ValueError):  # closed under us: let the read report it
+            return True
+        return bool(ready)
+
+    def new_channel(self) -> Any:
+        """Replace a channel the broker closed (after a 406, say) with a fresh one."""
+        self.channel = self.open_channel()
+        return self.channel
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Close politely (the broker requeues what we did not acknowledge); bounded."""
+        if not self.alive:
+            return
+        self.alive = False
+        try:
+            self.set_timeout(timeout)
+            self.conn.close()
+        except LINK_ERRORS:
+            pass
+        except Exception:  # never let a failing close hide the reason we are closing
+            LOG.debug("closing the connection to %s failed", self.endpoint.label,
+                      exc_info=True)
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection without the closing handshake (it is broken already)."""
+        self.alive = False
+        try:
+            self.conn.collect()
+        except Exception:
+            LOG.debug("dropping the connection to %s failed", self.endpoint.label,
+                      exc_info=True)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line reason for logs and errors, with any URL password masked."""
+    text = str(exc) or type(exc).__name__
+    return mask_password(f"{type(exc).__name__}: {text}")
+
+
+def open_link(settings: Settings, start: int, purpose: str) -> tuple[Link, int]:
+    """Connect to the first host that answers, trying each once from index ``start``.
+
+    Returns the link and the index of the host it reached, so the next reconnection starts
+    there (round-robin failover). Raises :class:`LinkRefused` if a broker refused the login and
+    no other host accepted, else :class:`TransportUnreachable` naming every host's failure.
+    """
+    hosts = settings.endpoints
+    failures: list[str] = []
+    refused: list[str] = []
+    for i in range(len(hosts)):
+        index = (start + i) % len(hosts)
+        ep = hosts[index]
+        ssl_options: Any = dict(settings.ssl_options) if settings.ssl_options is not None \
+            else False
+        kconn = kombu.Connection(
+            hostname=ep.host, port=ep.port, userid=ep.userid, password=ep.password,
+            virtual_host=settings.virtual_host, ssl=ssl_options, heartbeat=settings.heartbeat,
+            connect_timeout=settings.connect_timeout, transport="pyamqp",
+            transport_options={"client_properties": {
+                "connection_name": f"tidings {purpose} pid={os.getpid()} "
+                                   f"thread={threading.current_thread().name}"}})
+        try:
+            # max_retries=0: one attempt per host here; the caller owns the backoff policy.
+            kconn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+            return Link(kconn, ep), index
+        except (amqp.exceptions.AccessRefused, amqp.exceptions.NotAllowed) as exc:
+            refused.append(f"{ep.label}: {describe_error(exc)}")
+            _discard(kconn)
+        except LINK_ERRORS as exc:
+            failures.append(f"{ep.label}: {describe_error(exc)}")
+            _discard(kconn)
+    where = f"virtual host {settings.virtual_host!r} of {settings.shown}"
+    if refused and not failures:
+        raise LinkRefused(
+            f"RabbitMQ refused the connection to {where}: {'; '.join(refused)}. Check the "
+            f"user and password in the URL and that the user has permissions on the virtual "
+            f"host (rabbitmqctl set_permissions -p <vhost> <user> '.*' '.*' '.*')")
+    raise TransportUnreachable(
+        f"cannot connect to RabbitMQ at {where}: {'; '.join(refused + failures)}. Check that "
+        f"the broker is running and reachable (connect_timeout={settings.connect_timeout:g}s)")
+
+
+def _discard(kconn: kombu.Connection) -> None:
+    try:
+        kconn.collect()
+    except Exception:
+        LOG.debug("discarding a failed connection attempt raised", exc_info=True)
