@@ -166,19 +166,16 @@ def drain(inbox: queue.Queue[tuple[str, str]], n: int,
 
 
 # -- names and shares (no broker needed) -------------------------------------------------------
-def test_queue_plan_uses_oslo_names_or_isolates_exchanges() -> None:
+def test_queue_plan_refuses_names_amqp1_addresses_cannot_carry() -> None:
     from tidings.drivers.amqp1.topology import plan_queues
+    from tidings.transports.queues import QueueModel
 
-    bindings = [Binding("nova", "notifications.info"), Binding("cinder", "notifications.info"),
-                Binding("nova", "notifications.error")]
-    oslo = plan_queues(False, bindings, None)
-    assert [(p.name, len(p.bindings)) for p in oslo] == [("notifications.info", 2),
-                                                         ("notifications.error", 1)]
-    assert [(p.name, len(p.bindings)) for p in plan_queues(False, bindings, "ceilo")] == \
-        [("ceilo", 3)]
-    assert [p.name for p in plan_queues(True, bindings, "ceilo")] == ["nova.ceilo", "cinder.ceilo"]
-    assert [p.name for p in plan_queues(True, bindings, None)] == [
-        "nova.notifications.info", "cinder.notifications.info", "nova.notifications.error"]
+    plans = plan_queues(QueueModel(), [Binding("nova", "notifications.info")], "ceilo")
+    assert [p.name for p in plans] == ["ceilo"]  # the core's oslo names, unchanged
+    with pytest.raises(ValueError, match="contains '/'"):
+        plan_queues(QueueModel(), [Binding("nova", "notifications.info")], "a/b")
+    with pytest.raises(ValueError, match="contains '/'"):
+        plan_queues(QueueModel(), [Binding("no/va", "notifications.info")], None)
 
 
 def test_prefetch_is_split_into_per_queue_credit() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from tidings.drivers.amqp1.connection import ConnectParams
@@ -42,7 +41,14 @@ from tidings.transports.base import (
     Option,
     OutgoingMessage,
 )
-from tidings.transports.errors import InvalidTransportOption, TransportUnreachable
+from tidings.transports.errors import TransportUnreachable
+from tidings.transports.queues import (
+    QUEUE_OPTIONS,
+    RECONNECT_OPTIONS,
+    QueueModel,
+    reconnect_backoff,
+    seconds,
+)
 from tidings.transports.url import TransportURL
 
 __all__ = ["AMQP1Driver"]
@@ -60,28 +66,12 @@ class AMQP1Driver(Driver):
         pools=True, requeue=True, requeue_to_other_member=True,
         # oslo.messaging's queue names are per virtual host, so two exchanges with the same
         # routing key share a queue: exchanges are isolated only with isolate_exchanges=true.
-        # durable and dead_letter likewise depend on options; see _capabilities().
+        # durable and dead_letter likewise depend on options: set per instance in __init__.
         exchanges=False, at_least_once=True, durable=False, stores_without_listener=True,
         dead_letter=False, prefetch=True, confirmed_send=True)
     # Names and meanings follow the rabbit:// driver's options, so one URL's query carries over.
     options: Mapping[str, Option[Any]] = {
-        "durable": Option(bool, False, "declare exchanges and queues durable (oslo.messaging's "
-                                       "amqp_durable_queues); with persistent messages they "
-                                       "survive a broker restart"),
-        "queue_expiry": Option(float, 0.0, "delete a queue nobody has consumed for this many "
-                                           "seconds (x-expires; 0: never), so the queues of "
-                                           "pools that went away stop growing"),
-        "message_ttl": Option(float, 0.0, "drop (or dead-letter) messages older than this many "
-                                          "seconds (x-message-ttl; 0: keep them)"),
-        "dead_letter_exchange": Option(str, "", "send rejected and expired messages to this "
-                                                "exchange (x-dead-letter-exchange), declared as "
-                                                "a durable fanout exchange with a queue of the "
-                                                "same name, so they are kept"),
-        "isolate_exchanges": Option(bool, False, "name queues after their exchange too, so a "
-                                                 "listener on exchange A never sees exchange "
-                                                 "B's messages on the same topic (not shared "
-                                                 "with oslo.messaging, which names queues by "
-                                                 "topic only)"),
+        **QUEUE_OPTIONS,
         "topology": Option(str, "amqp091", "how queues and bindings are made (amqp091: "
                                            "declared over AMQP 0-9-1 on the same port, which "
                                            "RabbitMQ 3.x needs)", choices=tuple(TOPOLOGIES)),
@@ -89,52 +79,26 @@ class AMQP1Driver(Driver):
                                                "listener's links before giving up"),
         "heartbeat": Option(float, 60.0, "AMQP 1.0 idle timeout in seconds, so a dead "
                                          "connection is noticed (0 disables it)"),
-        "reconnect_interval": Option(float, 0.2, "first delay before a listener reconnects "
-                                                 "after losing its connection, doubling each "
-                                                 "failure"),
-        "reconnect_max_interval": Option(float, 5.0, "longest delay between a listener's "
-                                                     "reconnection attempts"),
+        **RECONNECT_OPTIONS,
     }
 
     def __init__(self, url: TransportURL, options: Mapping[str, Any]) -> None:
         super().__init__(url, options)
         conf = self.conf
-        for key in ("queue_expiry", "message_ttl", "heartbeat"):
-            if conf[key] < 0:
-                raise InvalidTransportOption(f"URL option {key}={conf[key]:g} must be 0 (off) "
-                                             f"or a positive number of seconds")
-        for key in ("connect_timeout", "reconnect_interval"):
-            if conf[key] <= 0:
-                raise InvalidTransportOption(f"URL option {key}={conf[key]:g} must be a "
-                                             f"positive number of seconds")
-        if conf["reconnect_max_interval"] < conf["reconnect_interval"]:
-            raise InvalidTransportOption(
-                f"reconnect_max_interval={conf['reconnect_max_interval']:g} must be at least "
-                f"reconnect_interval={conf['reconnect_interval']:g}")
+        seconds(conf, "heartbeat")  # checked here: 0 (off) or positive
+        self._connect_timeout = seconds(conf, "connect_timeout", positive=True)
+        self._reconnect = reconnect_backoff(conf)
         hosts = tuple(BrokerHost(h.hostname or "localhost", h.port or DEFAULT_PORT,
                                  h.username, h.password) for h in url.hosts) \
             or (BrokerHost("localhost", DEFAULT_PORT),)
         vhost = url.virtual_host or "/"
-        arguments: dict[str, Any] = {}
-        if conf["queue_expiry"]:
-            arguments["x-expires"] = max(1, int(conf["queue_expiry"] * 1000))
-        if conf["message_ttl"]:
-            arguments["x-message-ttl"] = max(0, int(conf["message_ttl"] * 1000))
-        dlx = str(conf["dead_letter_exchange"] or "")
-        if dlx:
-            arguments["x-dead-letter-exchange"] = dlx
-        self._connect_timeout = float(conf["connect_timeout"])
-        self._reconnect = (float(conf["reconnect_interval"]),
-                           float(conf["reconnect_max_interval"]))
+        queues = QueueModel.from_options(conf)
         self._params = ConnectParams(hosts, vhost, heartbeat=float(conf["heartbeat"]))
-        self._settings = TopologySettings(
-            hosts, vhost, durable=bool(conf["durable"]), queue_arguments=arguments,
-            dead_letter_exchange=dlx, isolate_exchanges=bool(conf["isolate_exchanges"]),
-            connect_timeout=self._connect_timeout)
+        self._settings = TopologySettings(hosts, vhost, queues=queues,
+                                          connect_timeout=self._connect_timeout)
         self._topology: Topology = TOPOLOGIES[conf["topology"]](self._settings)
-        self.capabilities = replace(  # type: ignore[misc]  # per instance, from the options
-            type(self).capabilities, exchanges=self._settings.isolate_exchanges,
-            durable=self._settings.durable, dead_letter=bool(dlx))
+        # per instance, from the options: durable, dead_letter and exchanges depend on them
+        self.capabilities = queues.capabilities(type(self).capabilities)  # type: ignore[misc]
         self._lock = threading.Lock()
         self._loop: EventLoop | None = None
         self._send_side: SendSide | None = None
@@ -173,7 +137,7 @@ class AMQP1Driver(Driver):
 
     def listen(self, bindings: Sequence[Binding], pool: str | None,
                prefetch: int) -> Listener:
-        plan_queues(self._settings.isolate_exchanges, bindings, pool)  # bad names fail here
+        plan_queues(self._settings.queues, bindings, pool)  # bad names fail here
         return AMQP1Listener(
             loop_for_use=self._loop_for_use, topology=self._topology, params=self._params,
             bindings=bindings, pool=pool, prefetch=prefetch,

@@ -31,6 +31,7 @@ from typing import Any
 
 from tidings.transports.base import Binding
 from tidings.transports.errors import InvalidTransportOption, TransportUnreachable
+from tidings.transports.queues import QueueModel, QueuePlan
 from tidings.transports.url import mask_password
 
 __all__ = [
@@ -44,14 +45,6 @@ __all__ = [
 ]
 
 LOG = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class QueuePlan:
-    """One queue a listener consumes (or a send makes sure of), with what is bound to it."""
-
-    name: str
-    bindings: tuple[Binding, ...]
-
 
 @dataclass(frozen=True)
 class BrokerHost:
@@ -75,11 +68,8 @@ class TopologySettings:
 
     hosts: tuple[BrokerHost, ...]
     virtual_host: str
-    durable: bool = False
-    queue_arguments: Mapping[str, Any] = field(default_factory=dict)
-    """Extra queue arguments (x-expires, x-message-ttl, x-dead-letter-exchange)."""
-    dead_letter_exchange: str = ""
-    isolate_exchanges: bool = False
+    queues: QueueModel = field(default_factory=QueueModel)
+    """Names, flags and arguments of the queues (the core's oslo.messaging queue model)."""
     connect_timeout: float = 10.0
 
 
@@ -95,34 +85,15 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
-def group_queue_name(isolate: bool, exchange: str, routing_key: str) -> str:
-    """The no-pool group's queue for (exchange, routing key)."""
-    return _check_name("queue", f"{exchange}.{routing_key}" if isolate else routing_key)
-
-
-def pool_queue_name(isolate: bool, exchange: str, pool: str) -> str:
-    """A pool's queue on ``exchange``."""
-    return _check_name("queue", f"{exchange}.{pool}" if isolate else pool)
-
-
-def plan_queues(isolate: bool, bindings: Sequence[Binding], pool: str | None) -> list[QueuePlan]:
-    """The queues a listener on ``bindings`` consumes, in first-seen order.
-
-    oslo naming: a pool is one queue bound to every binding (whatever the exchange); the no-pool
-    group is one queue per routing key, bound on every exchange that carries the key.
-    isolate_exchanges: one queue per (exchange, pool) or per (exchange, routing key).
-    """
-    grouped: dict[str, list[Binding]] = {}
+def plan_queues(model: QueueModel, bindings: Sequence[Binding],
+                pool: str | None) -> list[QueuePlan]:
+    """The core's queue plan, with every name checked for what AMQP 1.0 addresses can carry."""
     for b in bindings:
         _check_name("exchange", b.exchange)
-        if pool is not None:
-            name = pool_queue_name(isolate, b.exchange, pool)
-        else:
-            name = group_queue_name(isolate, b.exchange, b.routing_key)
-        bound = grouped.setdefault(name, [])
-        if b not in bound:
-            bound.append(b)
-    return [QueuePlan(name, tuple(bs)) for name, bs in grouped.items()]
+    plans = model.plan(bindings, pool)
+    for plan in plans:
+        _check_name("queue", plan.name)
+    return plans
 
 
 class Topology(abc.ABC):
@@ -180,7 +151,7 @@ class Amqp091Topology(Topology):
         super().__init__(settings)
         self._lock = threading.Lock()
         self._sent_to: set[tuple[str, str]] = set()
-        self._queue_args = dict(settings.queue_arguments)
+        self._queue_args = dict(settings.queues.arguments)
 
     # -- addresses (RabbitMQ 3.x AMQP 1.0 plugin) ------------------------------------------
     def send_address(self, exchange: str, routing_key: str) -> str:
@@ -193,10 +164,7 @@ class Amqp091Topology(Topology):
     def prepare_send(self, exchange: str, routing_key: str) -> str:
         key = (exchange, routing_key)
         if key not in self._sent_to:
-            _check_name("exchange", exchange)
-            plan = QueuePlan(group_queue_name(self.settings.isolate_exchanges, exchange,
-                                              routing_key),
-                             (Binding(exchange, routing_key),))
+            (plan,) = plan_queues(self.settings.queues, [Binding(exchange, routing_key)], None)
             with self._lock:
                 if key not in self._sent_to:
                     self._declare([plan])
@@ -204,7 +172,7 @@ class Amqp091Topology(Topology):
         return self.send_address(exchange, routing_key)
 
     def prepare_listen(self, bindings: Sequence[Binding], pool: str | None) -> list[str]:
-        plans = plan_queues(self.settings.isolate_exchanges, bindings, pool)
+        plans = plan_queues(self.settings.queues, bindings, pool)
         with self._lock:
             self._declare(plans)
         return [self.receive_address(p.name) for p in plans]
@@ -218,8 +186,8 @@ class Amqp091Topology(Topology):
             self._sent_to = {k for k in self._sent_to if k[0] != exchange}
 
     def _declare(self, plans: Sequence[QueuePlan]) -> None:
-        durable = self.settings.durable
-        dlx = self.settings.dead_letter_exchange
+        durable = self.settings.queues.durable
+        dlx = self.settings.queues.dead_letter_exchange
         shown_args = ", ".join(f"{k}={v}" for k, v in self._queue_args.items())
 
         def work(channel: Any) -> None:

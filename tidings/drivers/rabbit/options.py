@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import ssl as _ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from tidings.transports.base import Capabilities, Option
 from tidings.transports.errors import InvalidTransportOption
+from tidings.transports.queues import (
+    QUEUE_OPTIONS,
+    RECONNECT_OPTIONS,
+    QueueModel,
+    reconnect_backoff,
+    seconds,
+)
 from tidings.transports.url import TransportURL
 
 __all__ = ["BASE_CAPABILITIES", "OPTIONS", "Endpoint", "Settings"]
@@ -28,30 +35,12 @@ OPTIONS: dict[str, Option[Any]] = {
                                  "a dead peer is noticed after about this long"),
     "connect_timeout": Option(float, 5.0, "seconds to open one connection (TCP, TLS and AMQP "
                                           "handshakes) before trying the next host"),
-    "durable": Option(bool, False, "declare exchanges and queues durable (oslo.messaging's "
-                                   "amqp_durable_queues); with persistent messages they survive "
-                                   "a broker restart"),
     "quorum": Option(bool, False, "declare queues as quorum queues (x-queue-type=quorum, "
                                   "implies durable; oslo.messaging's rabbit_quorum_queue)"),
     "quorum_delivery_limit": Option(int, 0, "quorum queues only: drop or dead-letter a message "
                                             "after this many redeliveries (0: no limit)"),
-    "queue_expiry": Option(float, 0.0, "delete a queue nobody has consumed for this many "
-                                       "seconds (x-expires; 0: never), so unconsumed "
-                                       "notification queues stop growing"),
-    "message_ttl": Option(float, 0.0, "drop (or dead-letter) messages older than this many "
-                                      "seconds (x-message-ttl; 0: keep them)"),
-    "dead_letter_exchange": Option(str, "", "send rejected and expired messages to this "
-                                            "exchange (x-dead-letter-exchange); the driver "
-                                            "declares it as a durable fanout exchange with a "
-                                            "queue of the same name, so they are kept"),
-    "isolate_exchanges": Option(bool, False, "name queues after their exchange too, so a "
-                                             "listener on exchange A never sees exchange B's "
-                                             "messages on the same topic (not shared with "
-                                             "oslo.messaging, which names queues by topic only)"),
-    "reconnect_interval": Option(float, 0.2, "first delay before a listener reconnects after "
-                                             "losing its connection, doubling each failure"),
-    "reconnect_max_interval": Option(float, 5.0, "longest delay between a listener's "
-                                                 "reconnection attempts"),
+    **QUEUE_OPTIONS,
+    **RECONNECT_OPTIONS,
     "ssl": Option(bool, False, "connect with TLS (default port 5671)"),
     "ssl_ca_file": Option(str, "", "CA bundle that signs the broker's certificate (default: "
                                    "the system's CAs)"),
@@ -84,14 +73,6 @@ class Endpoint:
         return f"{self.userid}@{self.host}:{self.port}"
 
 
-def _seconds(options: Mapping[str, Any], name: str) -> float:
-    value = float(options[name])
-    if value < 0:
-        raise InvalidTransportOption(f"URL option {name}={value:g} must be 0 (off) or a "
-                                     f"positive number of seconds")
-    return value
-
-
 @dataclass(frozen=True)
 class Settings:
     """Everything the driver's parts need, derived once from the URL and its options."""
@@ -100,11 +81,8 @@ class Settings:
     virtual_host: str
     heartbeat: int
     connect_timeout: float
-    durable: bool
     quorum: bool
-    queue_arguments: dict[str, Any]
-    dead_letter_exchange: str
-    isolate_exchanges: bool
+    queues: QueueModel
     reconnect_interval: float
     reconnect_max_interval: float
     ssl_options: dict[str, Any] | None
@@ -126,15 +104,8 @@ class Settings:
         if heartbeat < 0:
             raise InvalidTransportOption(f"URL option heartbeat={heartbeat} must be 0 (off) "
                                          f"or a positive number of seconds")
-        connect_timeout = _seconds(options, "connect_timeout")
-        if connect_timeout <= 0:
-            raise InvalidTransportOption("URL option connect_timeout must be positive seconds")
-        interval = _seconds(options, "reconnect_interval")
-        max_interval = _seconds(options, "reconnect_max_interval")
-        if interval <= 0 or max_interval < interval:
-            raise InvalidTransportOption(
-                f"reconnect_interval={interval:g} must be positive and at most "
-                f"reconnect_max_interval={max_interval:g}")
+        connect_timeout = seconds(options, "connect_timeout", positive=True)
+        interval, max_interval = reconnect_backoff(options)
         limit = int(options["quorum_delivery_limit"])
         if limit < 0:
             raise InvalidTransportOption("URL option quorum_delivery_limit must be 0 (no "
@@ -148,15 +119,7 @@ class Settings:
             arguments["x-queue-type"] = "quorum"
             if limit:
                 arguments["x-delivery-limit"] = limit
-        expiry = _seconds(options, "queue_expiry")
-        if expiry:
-            arguments["x-expires"] = max(1, int(expiry * 1000))
-        ttl = _seconds(options, "message_ttl")
-        if ttl:
-            arguments["x-message-ttl"] = max(0, int(ttl * 1000))
-        dlx = str(options["dead_letter_exchange"] or "")
-        if dlx:
-            arguments["x-dead-letter-exchange"] = dlx
+        queues = QueueModel.from_options(options, arguments=arguments, durable=quorum)
         port = DEFAULT_SSL_PORT if use_ssl else DEFAULT_PORT
         endpoints = tuple(
             Endpoint(host=h.hostname or "localhost", port=h.port or port,
@@ -178,14 +141,10 @@ class Settings:
             if options["ssl_verify_hostname"]:
                 ssl_options["server_hostname"] = None
         return cls(endpoints=endpoints, virtual_host=url.virtual_host or "/",
-                   heartbeat=heartbeat, connect_timeout=connect_timeout,
-                   durable=bool(options["durable"]) or quorum, quorum=quorum,
-                   queue_arguments=arguments, dead_letter_exchange=dlx,
-                   isolate_exchanges=bool(options["isolate_exchanges"]),
-                   reconnect_interval=interval, reconnect_max_interval=max_interval,
+                   heartbeat=heartbeat, connect_timeout=connect_timeout, quorum=quorum,
+                   queues=queues, reconnect_interval=interval, reconnect_max_interval=max_interval,
                    ssl_options=ssl_options, shown=url.masked())
 
     def capabilities(self) -> Capabilities:
         """What this configuration can honestly promise (durability needs durable queues)."""
-        return replace(BASE_CAPABILITIES, exchanges=self.isolate_exchanges,
-                       durable=self.durable, dead_letter=bool(self.dead_letter_exchange))
+        return self.queues.capabilities(BASE_CAPABILITIES)

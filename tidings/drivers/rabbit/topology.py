@@ -18,52 +18,35 @@ must be used on both sides (or the queues deleted) when switching.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import kombu
 
 from tidings.drivers.rabbit.options import Settings
 from tidings.transports.base import Binding
+from tidings.transports.queues import QueuePlan
 
 __all__ = ["QueuePlan", "Topology"]
 
 
-@dataclass(frozen=True)
-class QueuePlan:
-    """One queue a listener consumes and the (exchange, routing key) pairs bound to it."""
-
-    name: str
-    bindings: tuple[Binding, ...]
-
-
 class Topology:
-    """Names, flags and arguments of everything the driver declares, from the settings."""
+    """Declares, with kombu, what the core's queue model (tidings.transports.queues) plans:
+    oslo.messaging's names, flags and arguments, from the settings."""
 
     def __init__(self, settings: Settings) -> None:
-        self.durable = settings.durable
-        self.arguments: dict[str, Any] = dict(settings.queue_arguments)
-        self.isolate = settings.isolate_exchanges
-        self.dead_letter_exchange = settings.dead_letter_exchange
+        self.model = settings.queues
+        self.durable = self.model.durable
+        self.arguments: dict[str, Any] = dict(self.model.arguments)
+        self.dead_letter_exchange = self.model.dead_letter_exchange
 
     # -- names --------------------------------------------------------------------------
     def group_queue(self, exchange: str, routing_key: str) -> str:
         """The queue the no-pool group consumes and every send declares."""
-        return f"{exchange}.{routing_key}" if self.isolate else routing_key
-
-    def pool_queue(self, exchange: str, pool: str) -> str:
-        return f"{exchange}.{pool}" if self.isolate else pool
+        return self.model.group_queue(exchange, routing_key)
 
     def plan(self, bindings: Sequence[Binding], pool: str | None) -> list[QueuePlan]:
         """The queues a listener on ``bindings`` consumes, in first-seen order."""
-        queues: dict[str, list[Binding]] = {}
-        for b in bindings:
-            name = (self.group_queue(b.exchange, b.routing_key) if pool is None
-                    else self.pool_queue(b.exchange, pool))
-            bound = queues.setdefault(name, [])
-            if b not in bound:
-                bound.append(b)
-        return [QueuePlan(name, tuple(bs)) for name, bs in queues.items()]
+        return self.model.plan(bindings, pool)
 
     # -- declarations (channel is a py-amqp channel; kombu entities do the work) ----------
     def exchange(self, name: str) -> kombu.Exchange:
