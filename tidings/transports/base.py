@@ -243,6 +243,9 @@ class Driver(abc.ABC):
 
     The core builds it with the parsed URL and the query options already converted to the types
     the driver declared in ``options`` (plus the core's own options, which it removes first).
+    ``capabilities`` is a class attribute (what ``tidings drivers`` lists); a driver whose
+    options change what it can promise (durable queues, a dead-letter exchange) sets
+    ``self.capabilities`` in ``__init__``, and the core checks that instance's value.
     """
 
     name: ClassVar[str] = ""
