@@ -33,15 +33,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+
+from _common import Counter
+
+from tidings.testing.brokers import rabbit_vhost
 
 HOST, PORT = "127.0.0.1", 5672
 PAYLOAD = {"instance_id": "6f1b0c1e-0d6a-4c1b-9b59-0c3d7c3a1f0e", "state": "active",
@@ -50,13 +52,6 @@ PAYLOAD = {"instance_id": "6f1b0c1e-0d6a-4c1b-9b59-0c3d7c3a1f0e", "state": "acti
 CTXT = {"request_id": "req-5b7f0a52-1d0e-4f8e-9d0c-1a2b3c4d5e6f", "user_id": "u" * 32,
         "project_id": "p" * 32}
 TIMEOUT = 300.0
-
-
-def _rabbitmqctl(*args: str) -> None:
-    exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {proc.stderr.strip()}")
 
 
 def _body() -> bytes:
@@ -324,21 +319,6 @@ class Bench:
             t.cleanup()
 
 
-class Counter:
-    """An endpoint that counts and signals the N-th notification."""
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.count = 0
-        self.done = threading.Event()
-
-    def info(self, ctxt: Any, publisher_id: Any, event_type: Any, payload: Any,
-             metadata: Any) -> None:
-        self.count += 1
-        if self.count >= self.expected:
-            self.done.set()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=4000,
@@ -352,10 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    vhost = f"tidings-bench-amqp1-{uuid.uuid4().hex[:8]}"
-    _rabbitmqctl("add_vhost", vhost)
-    try:
-        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    with rabbit_vhost("tidings-bench-amqp1") as vhost:  # fresh vhost, deleted afterwards
         bench = Bench(vhost, args.threads, args.prefetch)
         workloads: dict[str, tuple[Callable[[int], float], int]] = {
             "raw publish": (bench.raw_publish, args.messages),
@@ -373,8 +350,6 @@ def main(argv: list[str] | None = None) -> int:
                 rates[name].append(fn(n))
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{name} {vals[-1]:,.0f}/s" for name, vals in rates.items()), flush=True)
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
 
     print(f"\n{args.threads} publishing threads (raw window {args.threads}), prefetch "
           f"{args.prefetch}, {args.rounds} rounds in {time.perf_counter() - began:.0f}s")

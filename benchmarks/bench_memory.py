@@ -14,23 +14,10 @@ import json
 import logging
 import statistics
 import sys
-import threading
 import time
 import uuid
-from typing import Any
 
-
-class _Endpoint:
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.count = 0
-        self.done = threading.Event()
-
-    def info(self, ctxt: Any, publisher_id: Any, event_type: Any, payload: Any,
-             metadata: Any) -> None:
-        self.count += 1
-        if self.count >= self.expected:
-            self.done.set()
+from _common import Counter as _Endpoint
 
 
 def run_tidings(n: int) -> float:

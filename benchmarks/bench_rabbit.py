@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -40,34 +38,16 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from _common import Counter
+
+from tidings.testing.brokers import rabbit_vhost
+
 HOST, PORT = "127.0.0.1", 5672
 PAYLOAD = {"instance_id": "6f1b0c1e-0d6a-4c1b-9b59-0c3d7c3a1f0e", "state": "active",
            "host": "compute-17", "flavor": {"vcpus": 2, "ram": 4096, "disk": 40},
            "image": "cirros-0.6.2", "tenant": "b" * 32, "note": "x" * 120}
 CTXT = {"request_id": "req-5b7f0a52-1d0e-4f8e-9d0c-1a2b3c4d5e6f", "user_id": "u" * 32,
         "project_id": "p" * 32}
-
-
-def _rabbitmqctl(*args: str) -> None:
-    exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {proc.stderr.strip()}")
-
-
-class Counter:
-    """An endpoint (for both libraries) that counts and signals the N-th notification."""
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.count = 0
-        self.done = threading.Event()
-
-    def info(self, ctxt: Any, publisher_id: Any, event_type: Any, payload: Any,
-             metadata: Any) -> None:
-        self.count += 1
-        if self.count >= self.expected:
-            self.done.set()
 
 
 def _timed_sends(send: Callable[[], None], n: int, threads: int) -> float:
@@ -295,11 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter("ignore")  # oslo's eventlet deprecation noise
 
-    vhost = f"tidings-bench-{uuid.uuid4().hex[:8]}"
-    _rabbitmqctl("add_vhost", vhost)
     results: dict[str, list[float]] = {}
-    try:
-        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    with rabbit_vhost("tidings-bench") as vhost:  # fresh vhost, deleted afterwards
         bench = Bench(vhost, args.prefetch)
         n, d = args.messages, args.drain_messages
         workloads: list[tuple[str, Callable[[], float]]] = [
@@ -321,8 +298,6 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault(name, []).append(rate)
                 print(f"round {r + 1}: {name:<20} {rate:>9,.0f} msg/s", file=sys.stderr,
                       flush=True)
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
 
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"\nrabbit:// benchmark, {args.rounds} round(s), publish/e2e N={args.messages}, "

@@ -21,25 +21,12 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any
 
 import redis
+from _common import Counter as _Endpoint
 
 HOST, PORT = "127.0.0.1", 6379
 PAYLOAD = {"instance_id": "0" * 36, "state": "active", "flavor": {"vcpus": 2}}
-
-
-class _Endpoint:
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.count = 0
-        self.done = threading.Event()
-
-    def info(self, ctxt: Any, publisher_id: Any, event_type: Any, payload: Any,
-             metadata: Any) -> None:
-        self.count += 1
-        if self.count >= self.expected:
-            self.done.set()
 
 
 def _drop(namespace: str) -> None:

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+from _common import Counter as _Endpoint
 
 PAYLOAD = {"instance_id": "0" * 36, "state": "active", "flavor": {"vcpus": 2}}
 WINDOW = 1000
@@ -123,19 +124,6 @@ def run_raw_acked(n: int) -> float:
     router.close(0)
     ctx.term()
     return n / took
-
-
-class _Endpoint:
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.count = 0
-        self.done = threading.Event()
-
-    def info(self, ctxt: Any, publisher_id: Any, event_type: Any, payload: Any,
-             metadata: Any) -> None:
-        self.count += 1
-        if self.count >= self.expected:
-            self.done.set()
 
 
 def run_tidings(url: str, n: int, drained: Callable[[Any], bool] | None = None,
