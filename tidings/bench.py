@@ -21,9 +21,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["BenchResult", "Workload", "format_table", "run_tidings"]
+__all__ = ["BenchResult", "Workload", "format_table", "run_oslo", "run_phases", "run_raw",
+           "run_tidings"]
 
 
 @dataclass
@@ -121,157 +122,171 @@ def _payload(size: int, stamp: bool) -> dict[str, Any]:
     return body
 
 
-def run_tidings(work: Workload, timeout: float = 600.0) -> BenchResult:
-    """Measure publish, drain and end to end through tidings on ``work.url``."""
-    import tidings
+class Adapter(Protocol):
+    """One library under test: how its listeners start and stop and how it sends."""
 
-    transport = tidings.get_notification_transport(work.url)
-    caps = transport.capabilities
-    result = BenchResult(f"tidings {transport.driver_name}")
-    run = uuid.uuid4().hex[:8]
-    target = tidings.Target("bench", exchange=f"tidings-bench-{run}")
-    groups = work.groups
-    per_group = work.messages
-    expected = per_group * len(groups)
-    notifier = tidings.Notifier(transport, "bench", topics=["bench"],
-                                exchange=target.exchange, raise_on_failure=True)
+    name: str
+    stores_backlog: bool
+    """Messages sent while no listener runs wait for one (else: no publish/drain phase)."""
 
-    def start(sink: _Sink) -> list[tidings.NotificationListener]:
-        out = []
-        for group in groups:
-            pool = None if group is None else f"{group}-{run}"
-            for _ in range(work.members):
-                listener = tidings.get_notification_listener(
-                    transport, [target], [sink], pool=pool, prefetch=work.prefetch)
-                listener.start()
-                out.append(listener)
-        return out
+    def start(self, sink: _Sink) -> Callable[[], None]:
+        """Start the listeners (every group, every member) feeding ``sink``; return a stop."""
+        ...
 
-    def stop(listeners: list[tidings.NotificationListener]) -> None:
-        for listener in listeners:
-            listener.stop()
-        for listener in listeners:
-            listener.wait(60)
+    def send(self, payload: dict[str, Any]) -> None: ...
 
+    def close(self) -> None: ...
+
+
+def run_phases(adapter: Adapter, work: Workload, timeout: float = 600.0) -> BenchResult:
+    """Publish, drain and end to end through ``adapter``: the same phases for every library,
+    so their figures compare."""
+    result = BenchResult(adapter.name)
+    expected = work.messages * len(work.groups)
     try:
-        if caps.stores_without_listener or work.pools:
+        if adapter.stores_backlog:
             # Queues exist once listeners have started; a backlog can then wait in them.
-            stop(start(_Sink(1, _Progress("", 1, False))))
+            adapter.start(_Sink(1, _Progress("", 1, False)))()
             send_times: list[float] = []
             progress = _Progress("publish", work.messages, work.progress)
             began = time.perf_counter()
             for i in range(work.messages):
                 t0 = time.perf_counter()
-                notifier.info({}, "bench.tick", _payload(work.size, False))
+                adapter.send(_payload(work.size, False))
                 send_times.append(time.perf_counter() - t0)
                 progress.update(i + 1)
             result.publish_rate = work.messages / (time.perf_counter() - began)
             result.latency_ms["publish_p50"] = percentiles(send_times)["p50"]
             sink = _Sink(expected, _Progress("drain", expected, work.progress))
             began = time.perf_counter()
-            listeners = start(sink)
+            stop = adapter.start(sink)
             if not sink.done.wait(timeout):
                 result.notes.append(f"drain incomplete: {sink.count}/{expected}")
             result.drain_rate = sink.count / max(1e-9, sink.last_at - began)
-            stop(listeners)
+            stop()
         else:
-            result.notes.append("no publish/drain phase: the driver does not store messages "
-                                "sent while no listener runs")
+            result.notes.append("no publish/drain phase: messages sent while no listener "
+                                "runs are not kept")
         sink = _Sink(expected, _Progress("end to end", expected, work.progress))
-        listeners = start(sink)
+        stop = adapter.start(sink)
         began = time.perf_counter()
         for _ in range(work.messages):
-            notifier.info({}, "bench.tick", _payload(work.size, True))
+            adapter.send(_payload(work.size, True))
         if not sink.done.wait(timeout):
             result.notes.append(f"end to end incomplete: {sink.count}/{expected}")
         result.e2e_rate = sink.count / max(1e-9, sink.last_at - began)
         result.latency_ms.update(percentiles(sink.latencies))
-        stop(listeners)
+        stop()
     finally:
-        transport.cleanup()
+        adapter.close()
     return result
 
 
-Reference = Callable[[Workload], BenchResult]
+class _TidingsAdapter:
+    def __init__(self, work: Workload) -> None:
+        import tidings
+
+        self._tidings = tidings
+        self.work = work
+        self.transport = tidings.get_notification_transport(work.url)
+        self.name = f"tidings {self.transport.driver_name}"
+        self.stores_backlog = self.transport.capabilities.stores_without_listener
+        self.run = uuid.uuid4().hex[:8]
+        self.target = tidings.Target("bench", exchange=f"tidings-bench-{self.run}")
+        self.notifier = tidings.Notifier(self.transport, "bench", topics=["bench"],
+                                         exchange=self.target.exchange, raise_on_failure=True)
+
+    def start(self, sink: _Sink) -> Callable[[], None]:
+        listeners = []
+        for group in self.work.groups:
+            pool = None if group is None else f"{group}-{self.run}"
+            for _ in range(self.work.members):
+                listener = self._tidings.get_notification_listener(
+                    self.transport, [self.target], [sink], pool=pool,
+                    prefetch=self.work.prefetch)
+                listener.start()
+                listeners.append(listener)
+        return lambda: _stop_all(listeners)
+
+    def send(self, payload: dict[str, Any]) -> None:
+        self.notifier.info({}, "bench.tick", payload)
+
+    def close(self) -> None:
+        self.transport.cleanup()
+
+
+class _OsloAdapter:
+    def __init__(self, work: Workload) -> None:
+        try:
+            import oslo_messaging
+            from oslo_config import cfg
+        except ImportError as exc:
+            raise RuntimeError("--compare oslo needs oslo.messaging: pip install "
+                               "oslo.messaging") from exc
+        from tidings.transports.url import TransportURL
+
+        url = TransportURL.parse(work.url)
+        if url.driver not in ("memory", "fake", "rabbit"):
+            raise RuntimeError(f"--compare oslo supports rabbit:// and memory://, not "
+                               f"{url.driver}:// (oslo.messaging has no such driver any more)")
+        self._om = oslo_messaging
+        self.work = work
+        self.name = "oslo.messaging"
+        # oslo's fake: driver drops what arrives before a listener; its rabbit driver keeps it.
+        self.stores_backlog = url.driver == "rabbit"
+        conf = cfg.ConfigOpts()
+        conf([], project="tidings-bench")
+        oslo_url = "fake:" if url.driver != "rabbit" else str(url.with_query(()))
+        self.transport = oslo_messaging.get_notification_transport(conf, url=oslo_url)
+        self.run = uuid.uuid4().hex[:8]
+        self.target = oslo_messaging.Target(topic=f"bench-{self.run}")
+        self.notifier = oslo_messaging.Notifier(self.transport, "bench", driver="messagingv2",
+                                                topics=[self.target.topic])
+
+    def start(self, sink: _Sink) -> Callable[[], None]:
+        listeners = []
+        for group in self.work.groups:
+            pool = None if group is None else f"oslo-{group}-{self.run}"
+            for _ in range(self.work.members):
+                listener = self._om.get_notification_listener(
+                    self.transport, [self.target], [sink], executor="threading", pool=pool)
+                listener.start()
+                listeners.append(listener)
+        return lambda: _stop_all(listeners)
+
+    def send(self, payload: dict[str, Any]) -> None:
+        self.notifier.info({}, "bench.tick", payload)
+
+    def close(self) -> None:
+        self.transport.cleanup()
+
+
+def _stop_all(listeners: list[Any]) -> None:
+    for listener in listeners:
+        listener.stop()
+    for listener in listeners:
+        listener.wait()
+
+
+def run_tidings(work: Workload, timeout: float = 600.0) -> BenchResult:
+    """Measure publish, drain and end to end through tidings on ``work.url``."""
+    return run_phases(_TidingsAdapter(work), work, timeout)
 
 
 def run_oslo(work: Workload, timeout: float = 600.0) -> BenchResult:
     """The same workload through oslo.messaging (rabbit:// -> its rabbit driver, memory:// ->
     its fake: driver). Needs oslo.messaging installed (a benchmark-only dependency)."""
-    try:
-        import oslo_messaging
-        from oslo_config import cfg
-    except ImportError as exc:
-        raise RuntimeError("--compare oslo needs oslo.messaging: pip install oslo.messaging") \
-            from exc
-    from tidings.transports.url import TransportURL
-
-    url = TransportURL.parse(work.url)
-    oslo_url = {"memory": "fake:", "fake": "fake:"}.get(url.driver, str(url.with_query(())))
-    if url.driver not in ("memory", "fake", "rabbit"):
-        raise RuntimeError(f"--compare oslo supports rabbit:// and memory://, not "
-                           f"{url.driver}:// (oslo.messaging has no such driver any more)")
-    conf = cfg.ConfigOpts()
-    conf([], project="tidings-bench")
-    transport = oslo_messaging.get_notification_transport(conf, url=oslo_url)
-    result = BenchResult("oslo.messaging")
-    run = uuid.uuid4().hex[:8]
-    target = oslo_messaging.Target(topic=f"bench-{run}")
-    groups = [None] if work.pools == 0 else [f"oslo-bench-{i}-{run}" for i in range(work.pools)]
-    expected = work.messages * len(groups)
-    notifier = oslo_messaging.Notifier(transport, "bench", driver="messagingv2",
-                                       topics=[target.topic])
-
-    def start(sink: _Sink) -> list[Any]:
-        out = []
-        for group in groups:
-            for _ in range(work.members):
-                listener = oslo_messaging.get_notification_listener(
-                    transport, [target], [sink], executor="threading", pool=group)
-                listener.start()
-                out.append(listener)
-        return out
-
-    def stop(listeners: list[Any]) -> None:
-        for listener in listeners:
-            listener.stop()
-        for listener in listeners:
-            listener.wait()
-
-    try:
-        if url.driver == "rabbit":
-            stop(start(_Sink(1, _Progress("", 1, False))))
-            began = time.perf_counter()
-            for _ in range(work.messages):
-                notifier.info({}, "bench.tick", _payload(work.size, False))
-            result.publish_rate = work.messages / (time.perf_counter() - began)
-            sink = _Sink(expected, _Progress("oslo drain", expected, work.progress))
-            began = time.perf_counter()
-            listeners = start(sink)
-            if not sink.done.wait(timeout):
-                result.notes.append(f"drain incomplete: {sink.count}/{expected}")
-            result.drain_rate = sink.count / max(1e-9, sink.last_at - began)
-            stop(listeners)
-        sink = _Sink(expected, _Progress("oslo e2e", expected, work.progress))
-        listeners = start(sink)
-        began = time.perf_counter()
-        for _ in range(work.messages):
-            notifier.info({}, "bench.tick", _payload(work.size, True))
-        if not sink.done.wait(timeout):
-            result.notes.append(f"end to end incomplete: {sink.count}/{expected}")
-        result.e2e_rate = sink.count / max(1e-9, sink.last_at - began)
-        result.latency_ms.update(percentiles(sink.latencies))
-        stop(listeners)
-    finally:
-        transport.cleanup()
-    return result
+    return run_phases(_OsloAdapter(work), work, timeout)
 
 
-RAW_REFERENCES: dict[str, str] = {}
-"""scheme -> "module:function" of a raw client loop taking a Workload, returning BenchResult."""
+RAW_REFERENCES: dict[str, str] = {
+    "rabbit": "tidings.bench_raw:RawAmqpAdapter",
+    "zmq": "tidings.bench_raw:RawZmqAdapter",
+}
+"""scheme -> "module:class" of a raw client adapter (see tidings.bench_raw)."""
 
 
-def run_raw(work: Workload) -> BenchResult:
+def run_raw(work: Workload, timeout: float = 600.0) -> BenchResult:
     """The same workload through the raw client of the URL's broker, if one is registered."""
     from importlib import import_module
 
@@ -280,10 +295,10 @@ def run_raw(work: Workload) -> BenchResult:
     scheme = TransportURL.parse(work.url).driver
     spec = RAW_REFERENCES.get(scheme)
     if spec is None:
-        raise RuntimeError(f"no raw reference loop for {scheme}:// (have: "
-                           f"{', '.join(sorted(RAW_REFERENCES)) or 'none'})")
-    module, _, func = spec.partition(":")
-    return getattr(import_module(module), func)(work)
+        raise RuntimeError(f"no raw reference loop for {scheme}:// in tidings bench (have: "
+                           f"{', '.join(sorted(RAW_REFERENCES))}); benchmarks/ has more")
+    module, _, cls = spec.partition(":")
+    return run_phases(getattr(import_module(module), cls)(work), work, timeout)
 
 
 def format_table(results: list[BenchResult]) -> str:

@@ -101,3 +101,15 @@ def test_demo_across_processes_on_zmq_with_the_sqlite_matchmaker() -> None:
 def test_demo_processes_refuses_memory() -> None:
     proc = tidings("demo", "memory://", "--processes")
     assert proc.returncode == 2 and "lives inside one process" in proc.stderr
+
+
+def test_bench_compare_raw_on_zmq_reports_a_ratio() -> None:
+    proc = tidings("bench", "zmq://", "--messages", "300", "--compare", "raw", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "raw pyzmq push/pull" in proc.stdout
+    assert "ratio tidings zmq / raw pyzmq push/pull: end to end" in proc.stdout
+
+
+def test_bench_compare_raw_without_a_reference_says_so() -> None:
+    proc = tidings("bench", "memory://", "--messages", "10", "--compare", "raw")
+    assert proc.returncode == 2 and "no raw reference loop for memory://" in proc.stderr
