@@ -238,6 +238,10 @@ def open_link(settings: Settings, start: int, purpose: str) -> tuple[Link, int]:
         ep = hosts[index]
         ssl_options: Any = dict(settings.ssl_options) if settings.ssl_options is not None \
             else False
+        if ssl_options and "server_hostname" in ssl_options:
+            # Check the certificate against the host the URL names: left as None, kombu fills
+            # it in only after rewriting 'localhost' to '127.0.0.1'.
+            ssl_options["server_hostname"] = ep.host
         kconn = kombu.Connection(
             hostname=ep.host, port=ep.port, userid=ep.userid, password=ep.password,
             virtual_host=settings.virtual_host, ssl=ssl_options, heartbeat=settings.heartbeat,
