@@ -27,10 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from stevedore import ExtensionManager
-from stevedore.driver import DriverManager
-
-from tidings.transports.errors import DriverLoadFailure
+from tidings.transports.loader import entry_point_names, load_plugin
 from tidings.transports.url import TransportURL
 
 __all__ = [
@@ -143,33 +140,18 @@ class MatchMaker(abc.ABC):
 
 def available_matchmakers() -> list[str]:
     """Names with an installed ``tidings.matchmakers`` entry point (imported or not)."""
-    mgr = ExtensionManager(MATCHMAKER_NAMESPACE, invoke_on_load=False,
-                           on_load_failure_callback=lambda *_: None)
-    return sorted({ep.name for ep in mgr.list_entry_points()})
+    return entry_point_names(MATCHMAKER_NAMESPACE)
 
 
 def load_matchmaker_class(name: str) -> type[MatchMaker]:
     """The backend class registered as ``name``, or DriverLoadFailure saying what to install."""
-    installed = available_matchmakers()
-    if name not in installed:
-        raise DriverLoadFailure(
-            f"no tidings matchmaker named {name!r}; installed matchmakers: "
-            f"{', '.join(installed) or 'none'}. Use one of them (zmq://, zmq+redis://host:6379/0, "
-            f"zmq+sqlite:////path/file.db) or install the plug-in that provides {name!r}.")
-    try:
-        mgr = DriverManager(MATCHMAKER_NAMESPACE, name, invoke_on_load=False)
-    except ImportError as exc:
-        raise DriverLoadFailure(
-            f"matchmaker {name!r} is installed but cannot be imported ({exc}); install its "
-            f"library, e.g. pip install 'tidings[{name}]'") from exc
-    except Exception as exc:  # stevedore wraps many failures; say which backend failed
-        raise DriverLoadFailure(f"matchmaker {name!r} failed to load: {exc}") from exc
-    cls = mgr.driver
-    if not (isinstance(cls, type) and issubclass(cls, MatchMaker)):
-        raise DriverLoadFailure(
-            f"entry point {name!r} in {MATCHMAKER_NAMESPACE} gives {cls!r}, which is not a "
-            f"subclass of tidings.matchmaker.base.MatchMaker")
-    return cls
+    return load_plugin(
+        MATCHMAKER_NAMESPACE, name, MatchMaker,
+        unknown="no tidings matchmaker named {name!r}; installed matchmakers: {installed}. Use "
+                "one of them (zmq://, zmq+redis://host:6379/0, zmq+sqlite:////path/file.db) or "
+                "install the plug-in that provides {name!r}.",
+        unimportable="matchmaker {name!r} is installed but cannot be imported ({exc}); install "
+                     "its library, e.g. pip install 'tidings[{name}]'")
 
 
 def get_matchmaker(name: str, url: TransportURL | str,

@@ -7,45 +7,65 @@ its driver is asked for.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from stevedore import ExtensionManager
 from stevedore.driver import DriverManager
 
 from tidings.transports.base import Driver
 from tidings.transports.errors import DriverLoadFailure
 
-__all__ = ["DRIVER_NAMESPACE", "available_drivers", "load_driver_class"]
+__all__ = ["DRIVER_NAMESPACE", "available_drivers", "entry_point_names", "load_driver_class",
+           "load_plugin"]
 
 DRIVER_NAMESPACE = "tidings.drivers"
+
+T = TypeVar("T")
+
+
+def entry_point_names(namespace: str) -> list[str]:
+    """Names with an installed entry point in ``namespace`` (whether or not they import)."""
+    mgr = ExtensionManager(namespace, invoke_on_load=False,
+                           on_load_failure_callback=lambda *_: None)
+    return sorted({ep.name for ep in mgr.list_entry_points()})
+
+
+def load_plugin(namespace: str, name: str, base: type[T], *, unknown: str,
+                unimportable: str) -> type[T]:
+    """The class registered as ``name`` in ``namespace``, a subclass of ``base``, or
+    DriverLoadFailure. ``unknown`` and ``unimportable`` are the messages (``str.format`` with
+    ``name`` and ``installed``, or ``name`` and ``exc``) that say what to do."""
+    installed = entry_point_names(namespace)
+    if name not in installed:
+        raise DriverLoadFailure(unknown.format(name=name, installed=", ".join(installed)
+                                               or "none"))
+    try:
+        mgr = DriverManager(namespace, name, invoke_on_load=False)
+    except ImportError as exc:
+        raise DriverLoadFailure(unimportable.format(name=name, exc=exc)) from exc
+    except Exception as exc:  # stevedore wraps many failures; say which plug-in failed
+        raise DriverLoadFailure(f"{namespace} entry point {name!r} failed to load: {exc}") \
+            from exc
+    cls = mgr.driver
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise DriverLoadFailure(
+            f"entry point {name!r} in {namespace} gives {cls!r}, which is not a subclass of "
+            f"{base.__module__}.{base.__qualname__}")
+    return cls
 
 
 def available_drivers() -> list[str]:
     """The schemes with an installed driver entry point (whether or not they import)."""
-    mgr = ExtensionManager(DRIVER_NAMESPACE, invoke_on_load=False,
-                           on_load_failure_callback=lambda *_: None)
-    names = {ep.name for ep in mgr.list_entry_points()}
-    return sorted(names)
+    return entry_point_names(DRIVER_NAMESPACE)
 
 
 def load_driver_class(scheme: str) -> type[Driver]:
     """Return the driver class registered for ``scheme`` or raise DriverLoadFailure saying why."""
-    installed = available_drivers()
-    if scheme not in installed:
-        raise DriverLoadFailure(
-            f"no tidings driver for scheme {scheme!r}; installed drivers: "
-            f"{', '.join(installed) or 'none'}. Install the driver's extra "
-            f"(e.g. pip install 'tidings[rabbit]') or the plug-in that provides it.")
-    try:
-        mgr = DriverManager(DRIVER_NAMESPACE, scheme, invoke_on_load=False)
-    except ImportError as exc:
-        raise DriverLoadFailure(
-            f"driver {scheme!r} is installed but cannot be imported ({exc}); install its "
-            f"library (for the built-in drivers: pip install 'tidings[rabbit]', "
-            f"'tidings[amqp1]' or 'tidings[zmq]')") from exc
-    except Exception as exc:  # stevedore wraps many failures; say which driver failed
-        raise DriverLoadFailure(f"driver {scheme!r} failed to load: {exc}") from exc
-    cls = mgr.driver
-    if not (isinstance(cls, type) and issubclass(cls, Driver)):
-        raise DriverLoadFailure(
-            f"entry point {scheme!r} in {DRIVER_NAMESPACE} gives {cls!r}, which is not a "
-            f"subclass of tidings.transports.base.Driver")
-    return cls
+    return load_plugin(
+        DRIVER_NAMESPACE, scheme, Driver,
+        unknown="no tidings driver for scheme {name!r}; installed drivers: {installed}. Install "
+                "the driver's extra (e.g. pip install 'tidings[rabbit]') or the plug-in that "
+                "provides it.",
+        unimportable="driver {name!r} is installed but cannot be imported ({exc}); install its "
+                     "library (for the built-in drivers: pip install 'tidings[rabbit]', "
+                     "'tidings[amqp1]' or 'tidings[zmq]')")
