@@ -9,6 +9,7 @@ registries, SIGKILL and TTL expiry are in test_zmq_processes.py.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -168,6 +169,167 @@ def test_every_group_gets_one_copy_members_share(transport: Transport) -> None:
             assert rec.handled[name], f"{name} got nothing: members are not rotated"
     finally:
         stop_all(*listeners)
+
+
+def test_members_still_connecting_get_their_share(transport: Transport) -> None:
+    """Sent right after the members registered, fewer messages than the prefetch: the members
+    of each group take strict turns (test_a_member_still_handshaking_keeps_its_turn makes one
+    handshake slow on purpose; across processes, test_zmq_processes.py)."""
+    rec = Recorder()
+    members = {"plain1": None, "plain2": None, "p1": "p", "p2": "p", "p3": "p"}
+    listeners = [start_listener(transport, rec, name, pool=pool, prefetch=64)
+                 for name, pool in members.items()]
+    try:
+        n = 30  # below the prefetch: credit alone would let one member take them all
+        notify(transport, range(n))
+        groups = {"plain": ("plain1", "plain2"), "p": ("p1", "p2", "p3")}
+        for names in groups.values():
+            rec.wait(lambda names=names: len(rec.ids(*names)) >= n, f"group {names}")
+        for group, names in groups.items():
+            assert rec.ids(*names) == list(range(n)), f"group {group} got a wrong set"
+        shares = {name: len(rec.handled[name]) for name in members}
+        assert shares == {"plain1": 15, "plain2": 15, "p1": 10, "p2": 10, "p3": 10}, shares
+    finally:
+        stop_all(*listeners)
+
+
+class HeldRelay:
+    """A TCP relay on loopback to ``target_port`` (set it before releasing) that holds every
+    connection until ``release`` is set: a listener whose connection handshake is slow, with
+    the real driver on both sides."""
+
+    def __init__(self) -> None:
+        self.target_port = 0
+        self.release = threading.Event()
+        self._closed = False
+        self._socks: list[socket.socket] = []
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            self._socks.append(client)
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        self.release.wait()
+        if self._closed:
+            return
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:
+            client.close()
+            return
+        self._socks.append(upstream)
+        threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+        self._pipe(client, upstream)
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+        self.release.set()
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept() on Linux
+        except OSError:
+            pass
+        self._server.close()
+        for sock in self._socks:
+            sock.close()
+
+
+def test_a_member_still_handshaking_keeps_its_turn() -> None:
+    """Two registered members, the second's handshake held back: the copies whose turn is the
+    second wait for it (within connect_grace) instead of all going to the first, and once it
+    connects the two alternate: with 20 messages and a prefetch of 64, 10 each, in turn."""
+    sending = tidings.get_notification_transport(url(connect_grace=10))
+    # The listeners register in another registry: the sender knows them only by the
+    # addresses of the relays in front of them, registered below.
+    receiving = tidings.get_notification_transport(url())
+    drv, rdrv = driver_of(sending), driver_of(receiving)
+    first = rdrv.listen([Binding("ex", "rk")], "pool", 64)
+    second = rdrv.listen([Binding("ex", "rk")], "pool", 64)
+    relays: list[HeldRelay] = []
+    registrations: list[Registration] = []
+    try:
+        relays.extend((HeldRelay(), HeldRelay()))
+        # Members rotate in the registry's order (by address): the relay whose address sorts
+        # first fronts the first listener, so the first copy's turn is the listener let through.
+        relays.sort(key=lambda r: f"tcp://127.0.0.1:{r.port}/")
+        for lst, relay in zip((first, second), relays, strict=True):
+            endpoint, lid, credit = protocol.parse_member(lst.address)  # type: ignore[attr-defined]
+            relay.target_port = int(endpoint.rsplit(":", 1)[1])
+            registrations.append(Registration(
+                "ex", "rk", "pool",
+                protocol.format_member(f"tcp://127.0.0.1:{relay.port}", lid, credit)))
+        drv.matchmaker.register(registrations, ttl=30)
+        relays[0].release.set()
+        send_raw(sending, range(20))
+        got_first = poll_until(first, 1)  # copy 0 went to the first; copy 1 waits its turn
+        relays[1].release.set()
+        got_second: list[IncomingMessage] = []
+        deadline = time.monotonic() + WAIT
+        while len(got_first) + len(got_second) < 20:
+            assert time.monotonic() < deadline, (
+                f"only {len(got_first)} + {len(got_second)} of 20 arrived")
+            got_first.extend(first.poll(0.02))
+            got_second.extend(second.poll(0.02))
+        assert sorted(int(m.body) for m in got_first) == list(range(0, 20, 2))
+        assert sorted(int(m.body) for m in got_second) == list(range(1, 20, 2))
+        for msg in got_first + got_second:
+            msg.ack()
+        while drv._sender.unacknowledged:  # acknowledgements leave with the next poll
+            assert time.monotonic() < deadline, "acknowledgements never reached the sender"
+            assert not first.poll(0.02) and not second.poll(0.02), "a copy arrived twice"
+    finally:
+        if registrations:
+            drv.matchmaker.unregister(registrations)
+        first.close()
+        second.close()
+        for relay in relays:
+            relay.close()
+        sending.cleanup()
+        receiving.cleanup()
+
+
+def test_a_registered_member_that_never_connects_delays_only_by_the_grace() -> None:
+    """A registration whose listener is gone (nothing accepts on its port) keeps its turn for
+    connect_grace seconds; then its copies go to the live member, woken by the grace timer."""
+    t = tidings.get_notification_transport(url(connect_grace=0.3))
+    drv = driver_of(t)
+    real = drv.listen([Binding("ex", "rk")], "pool", 50)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ghost = protocol.format_member(f"tcp://127.0.0.1:{port}", uuid.uuid4().bytes, 50)
+    drv.matchmaker.register([Registration("ex", "rk", "pool", ghost)], ttl=30)
+    try:
+        began = time.monotonic()
+        send_raw(t, range(20))
+        got = poll_until(real, 20, timeout=5.0)  # far below the registration's ttl of 30 s
+        assert time.monotonic() - began >= 0.3 * 0.9  # it did keep the ghost's turn a while
+        assert sorted(int(m.body) for m in got) == list(range(20))
+        settle_all(real, got, drv)
+    finally:
+        drv.matchmaker.unregister([Registration("ex", "rk", "pool", ghost)])
+        real.close()
+        t.cleanup()
 
 
 def test_exchanges_are_isolated(transport: Transport) -> None:
@@ -411,8 +573,6 @@ def test_copies_of_a_group_that_vanished_are_dropped(caplog: pytest.LogCaptureFi
 
 
 def test_listener_binds_in_the_port_range() -> None:
-    import socket
-
     with socket.socket() as probe:  # find a free port to build a range of one around it
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -434,6 +594,7 @@ def test_listener_binds_in_the_port_range() -> None:
     ("port_min=5000", "port_min"),
     ("port_min=10&port_max=5", "port_min"),
     ("ack_timeout=-1", "ack_timeout"),
+    ("connect_grace=-1", "connect_grace"),
     ("colour=red", "unknown option"),
 ])
 def test_bad_options_fail_when_the_transport_is_built(bad: str, match: str) -> None:

@@ -1,10 +1,11 @@
 """The zmq driver across processes: listeners in child processes registered through the sqlite
 and the Redis matchmaker, a notifier in the test process.
 
-Covered: pools and the no-pool group split (every group once, members share), exchange
-isolation, a listener SIGKILLed mid-stream (its unacknowledged messages reach the other member,
-nothing is lost), and TTL expiry (a frozen listener drops out of the registry, new messages go to
-the live member, and what the frozen one held is resent after ack_timeout).
+Covered: pools and the no-pool group split (every group once, members share), an even split
+of what is sent right after the members registered (connect_grace), exchange isolation, a
+listener SIGKILLed mid-stream (its unacknowledged messages reach the other member, nothing is
+lost), and TTL expiry (a frozen listener drops out of the registry, new messages go to the live
+member, and what the frozen one held is resent after ack_timeout).
 """
 
 from __future__ import annotations
@@ -100,6 +101,23 @@ class Child:
         with self.cond:
             return list(self.handled)
 
+    def freeze(self) -> None:
+        """SIGSTOP the process and wait until the kernel reports it stopped: kill() returns
+        before every thread has stopped, and on a loaded machine a listener was seen handling
+        messages sent tens of milliseconds after it."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        status: list[int] = []
+        stopped = threading.Event()
+
+        def wait() -> None:
+            status.append(os.waitpid(self.proc.pid, os.WUNTRACED)[1])
+            stopped.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        if not stopped.wait(WAIT):
+            pytest.fail(f"listener process {self.name} did not stop within {WAIT}s of SIGSTOP")
+        assert os.WIFSTOPPED(status[0]), f"{self.name} ended instead of stopping: {status[0]}"
+
     def ask_to_stop(self) -> None:
         if self.proc.poll() is None:
             try:
@@ -193,6 +211,36 @@ def test_pools_no_pool_group_and_exchanges_across_processes(
         transport.cleanup()
 
 
+def wait_handled(child: Child, n: int, children: list[Child]) -> None:
+    """Wait (on the child's condition, bounded) until ``child`` handled at least ``n``."""
+    with child.cond:
+        if child.cond.wait_for(lambda: len(child.handled) >= n, WAIT):
+            return
+    counts = {c.name: len(c.ids()) for c in children}
+    pytest.fail(f"timed out after {WAIT}s waiting for {child.name} to handle {n}; "
+                f"handled: {counts}")
+
+
+@pytest.mark.slow
+def test_members_share_what_is_sent_right_after_they_registered(
+        registry_url: str, children: list[Child]) -> None:
+    """As in ``tidings demo --processes``: sent as soon as every member is registered, fewer
+    messages than the prefetch. The sender's connections finish their handshakes one after
+    the other; a member still handshaking keeps its turn (connect_grace), so the first one
+    connected does not take them all."""
+    m1 = Child("m1", registry_url, pool="workers", prefetch=64)
+    m2 = Child("m2", registry_url, pool="workers", prefetch=64)
+    start(children, m1, m2)
+    transport = send(registry_url, range(20))
+    try:
+        wait_handled(m1, 10, children)
+        wait_handled(m2, 10, children)
+        assert sorted(m1.ids() + m2.ids()) == list(range(20))
+        assert (len(m1.ids()), len(m2.ids())) == (10, 10)
+    finally:
+        transport.cleanup()
+
+
 @pytest.mark.slow
 def test_a_listener_killed_mid_stream_loses_nothing(registry_url: str,
                                                      children: list[Child]) -> None:
@@ -231,7 +279,7 @@ def test_a_frozen_listener_expires_and_its_messages_move(registry_url: str,
     try:
         wait_until(lambda: len(frozen.ids()) + len(alive.ids()) >= 40, "the first 40",
                    children)
-        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        frozen.freeze()
         notifier = tidings.Notifier(transport, publisher_id="parent", exchange="ex",
                                     raise_on_failure=True)
         for i in range(100, 120):  # some go to the frozen member while it is still registered

@@ -90,6 +90,10 @@ class ZmqDriver(Driver):
                                            "silent before they go to another member"),
         "flush_timeout": Option(float, 5.0, "seconds cleanup() waits for unacknowledged "
                                             "copies that still have a listener"),
+        "connect_grace": Option(float, 1.0, "seconds a newly found listener's turn is kept "
+                                            "while its connection is being set up, so the "
+                                            "first one connected does not take every copy "
+                                            "(0: no waiting)"),
     }
 
     def __init__(self, url: TransportURL, options: dict[str, Any]) -> None:
@@ -120,7 +124,8 @@ class ZmqDriver(Driver):
         directory = Directory(self.matchmaker, self.ttl, conf["lookup_interval"])
         self._sender = Sender(self._ctx, directory,
                               window=conf["ack_window"], ack_timeout=conf["ack_timeout"],
-                              orphan_timeout=self.ttl, name=f"zmq sender ({url.masked()})")
+                              orphan_timeout=self.ttl, connect_grace=conf["connect_grace"],
+                              name=f"zmq sender ({url.masked()})")
 
     @staticmethod
     def _check(conf: dict[str, Any]) -> None:
@@ -130,7 +135,7 @@ class ZmqDriver(Driver):
         for name in ("ttl", "ack_timeout"):
             if not conf[name] > 0:
                 raise bad(name, "must be a positive number of seconds")
-        for name in ("flush_timeout", "lookup_interval"):
+        for name in ("flush_timeout", "lookup_interval", "connect_grace"):
             if not conf[name] >= 0:
                 raise bad(name, "must be zero or a positive number of seconds")
         if conf["ack_window"] < 1:

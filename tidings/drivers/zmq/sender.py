@@ -10,6 +10,11 @@ Everything else happens in the sender's I/O thread, the only thread that touches
 * each copy goes to one member of its group, rotating, skipping members that are not connected
   or already hold their credit (their prefetch) of this sender's copies; if none can take it now,
   it waits in the group's queue;
+* a member discovered less than ``connect_grace`` seconds ago whose handshake has not completed
+  yet is not skipped: when it is its turn, the group's copies wait in the queue for it (pumped
+  when the handshake succeeds, or when the grace runs out and it is skipped like any member that
+  is not connected). Without this, the member that connects first would take copies up to its
+  credit while the others, registered just as long, are still handshaking;
 * a copy is forgotten when acknowledged (or rejected); it goes to another member of its group
   when the listener requeued it, refused it (wrong listener id), disconnected (after the frames it
   sent before disconnecting have been read, so nothing acknowledged is sent again), or fell
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -199,10 +205,11 @@ class _Conn:
 
 
 class _Member:
-    __slots__ = ("address", "busy_since", "conn", "credit", "dead", "groups", "in_flight",
-                 "lid", "suspended_until")
+    __slots__ = ("address", "busy_since", "conn", "credit", "dead", "grace_until", "groups",
+                 "in_flight", "lid", "suspended_until")
 
-    def __init__(self, address: str, conn: _Conn, lid: bytes, credit: int) -> None:
+    def __init__(self, address: str, conn: _Conn, lid: bytes, credit: int,
+                 grace_until: float = 0.0) -> None:
         self.address = address
         self.conn = conn
         self.lid = lid
@@ -212,6 +219,9 @@ class _Member:
         self.dead = False
         self.busy_since = 0.0
         self.suspended_until = 0.0
+        # Until then, while its connection is still handshaking, copies wait for its turn
+        # rather than going to another member (see connect_grace); 0: no more waiting.
+        self.grace_until = grace_until
 
 
 class _Group:
@@ -233,11 +243,13 @@ class Sender:
     """One driver's sending side; see the module docstring."""
 
     def __init__(self, ctx: zmq.Context, directory: Directory, *, window: int,
-                 ack_timeout: float, orphan_timeout: float, name: str) -> None:
+                 ack_timeout: float, orphan_timeout: float, name: str,
+                 connect_grace: float = 1.0) -> None:
         self._ctx = ctx
         self._directory = directory
         self._window = _Window(window)
         self._ack_timeout = ack_timeout
+        self._connect_grace = connect_grace
         self._orphan_timeout = orphan_timeout
         self._name = name
         self._identity = protocol.new_listener_id()
@@ -261,6 +273,9 @@ class Sender:
         self._poller = zmq.Poller()
         self._poller.register(self._wake_r, zmq.POLLIN)
         self._dirty: set[_Group] = set()
+        # Groups whose next copy waits for a member still in its connect grace -> when that
+        # grace runs out: the loop wakes up then and pumps them (skipping that member).
+        self._grace_waits: dict[_Group, float] = {}
         self._next_tick = 0.0
         self._now = time.monotonic()  # refreshed once per loop round: close enough, cheaper
         self._quiet_until = 0.0
@@ -371,14 +386,24 @@ class Sender:
             wait = max(0.0, self._next_tick - now)
             if self._dirty:
                 wait = 0.0
+            grace_waits = self._grace_waits
+            if grace_waits:
+                wait = min(wait, max(0.0, min(grace_waits.values()) - now))
             self._idle = True
             if self._inbox:
                 wait = 0.0
             try:
-                events = poller.poll(wait * 1000)
+                # Rounded up: pyzmq truncates to whole milliseconds, which would wake the loop
+                # just before a deadline and spin until it.
+                events = poller.poll(math.ceil(wait * 1000))
             finally:
                 self._idle = False
             self._now = time.monotonic()
+            if grace_waits:
+                for group, until in list(grace_waits.items()):
+                    if until <= self._now:
+                        del grace_waits[group]
+                        self._dirty.add(group)
             for sock, _ in events:
                 if sock == self._wake_r:
                     _drain_pipe(self._wake_r)
@@ -468,7 +493,8 @@ class Sender:
                       address)
             return None
         conn = self._conns.get(endpoint) or self._open_conn(endpoint)
-        member = self._members[address] = _Member(address, conn, lid, credit)
+        grace_until = time.monotonic() + self._connect_grace if self._connect_grace > 0 else 0.0
+        member = self._members[address] = _Member(address, conn, lid, credit, grace_until)
         conn.members[address] = member
         return member
 
@@ -530,8 +556,17 @@ class Sender:
         start = group.next
         for i in range(n):
             member = nodes[(start + i) % n]
-            if (member.dead or not member.conn.connected
-                    or len(member.in_flight) >= member.credit
+            if not member.conn.connected and not member.dead:
+                if member.grace_until > now:
+                    # Registered, still handshaking, and its turn: the copy waits for it (in
+                    # the group's queue) rather than going to whoever connected first.
+                    until = self._grace_waits.get(group)
+                    if until is None or member.grace_until < until:
+                        self._grace_waits[group] = member.grace_until
+                    return False
+                member.grace_until = 0.0
+                continue
+            if (member.dead or len(member.in_flight) >= member.credit
                     or (member.suspended_until and member.suspended_until > now)):
                 continue
             if copy.avoid is not None and member.address == copy.avoid and n > 1:
@@ -558,6 +593,7 @@ class Sender:
         return True
 
     def _pump(self, group: _Group) -> None:
+        self._grace_waits.pop(group, None)  # _assign records it again if it still applies
         pending = group.pending
         while pending:
             if not self._assign(pending[0]):
@@ -655,6 +691,7 @@ class Sender:
                 conn.connected = True
                 conn.last_heard = time.monotonic()
                 for member in conn.members.values():
+                    member.grace_until = 0.0
                     self._free(member)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 # Frames the listener sent before going are already queued on the socket:
@@ -662,6 +699,7 @@ class Sender:
                 self._read(conn)
                 conn.connected = False
                 for member in conn.members.values():
+                    member.grace_until = 0.0  # it was reached once: no more waiting for it
                     self._hand_back_all(member, f"lost the connection to {conn.endpoint}")
                     self._free(member)
 
