@@ -39,6 +39,22 @@ CREATE TABLE IF NOT EXISTS tidings_generation (
 """
 
 
+def _enable_wal(conn: sqlite3.Connection, timeout: float = 10.0) -> None:
+    """Switch to WAL. When several processes open a new file at once, this switch can fail at
+    once with "database is locked" (SQLite's busy timeout does not cover it), so try again,
+    for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            pause.wait(0.05)
+
+
 class SqliteMatchMaker(MatchMaker):
     """A registry in one sqlite file shared by the processes of a host."""
 
@@ -73,7 +89,7 @@ class SqliteMatchMaker(MatchMaker):
         try:
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
                                    check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
         except sqlite3.Error as exc:
