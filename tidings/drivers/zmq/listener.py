@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import zmq
 
 from tidings.drivers.zmq import protocol
-from tidings.drivers.zmq.sender import note_local_change
+from tidings.drivers.zmq.sender import drain_pipe, note_local_change
 from tidings.matchmaker.base import NO_POOL, MatchMaker, Registration
 from tidings.transports.base import Binding, IncomingMessage, Listener
 
@@ -146,7 +146,7 @@ class ZmqListener(Listener):
             finally:
                 self._waiting = False
             if self._wake_r in events:
-                _drain_pipe(self._wake_r)
+                drain_pipe(self._wake_r)
             self._flush()
             self._drain()
         out = []
@@ -261,14 +261,6 @@ class ZmqListener(Listener):
             except OSError:
                 pass
         self._on_close(self)
-
-
-def _drain_pipe(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except (BlockingIOError, OSError):
-        pass
 
 
 def _bind(sock: zmq.Socket, address: str, port_range: tuple[int, int]) -> int:

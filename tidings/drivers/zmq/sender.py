@@ -42,7 +42,7 @@ from tidings.matchmaker.base import MatchMaker
 from tidings.transports.base import OutgoingMessage
 from tidings.transports.errors import MessageDeliveryFailure, TransportUnreachable
 
-__all__ = ["Directory", "Route", "Sender", "note_local_change"]
+__all__ = ["Directory", "Route", "Sender", "drain_pipe", "note_local_change"]
 
 LOG = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ class Sender:
                         self._dirty.add(group)
             for sock, _ in events:
                 if sock == self._wake_r:
-                    _drain_pipe(self._wake_r)
+                    drain_pipe(self._wake_r)
                     continue
                 conn, is_monitor = self._by_socket.get(sock, (None, False))
                 if conn is None:
@@ -777,7 +777,8 @@ class Sender:
                 self._close_conn(conn)
 
 
-def _drain_pipe(fd: int) -> None:
+def drain_pipe(fd: int) -> None:
+    """Empty a non-blocking wake-up pipe (the sender's and every listener's)."""
     try:
         while os.read(fd, 4096):
             pass
