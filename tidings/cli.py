@@ -366,12 +366,14 @@ def run_listen(args: argparse.Namespace, out: Any) -> int:
         group = (f"pool {args.pool!r} (gets its own copy of every notification)" if args.pool
                  else "the no-pool group (shares notifications with the other consumers of it; "
                       "use --pool NAME to get a copy of everything)")
-        print(f"listening on {where} ({', '.join(priorities)}) via "
-              f"{transport.url.masked()} as a member of {group}; Ctrl-C stops",
-              file=sys.stderr, flush=True)
+        # The handler goes in before the banner: a Ctrl-C right after "listening on" must stop
+        # cleanly, not raise KeyboardInterrupt.
         previous = signal.signal(signal.SIGINT, lambda *_: printer.done.set())
         try:
             listener.start()
+            print(f"listening on {where} ({', '.join(priorities)}) via "
+                  f"{transport.url.masked()} as a member of {group}; Ctrl-C stops",
+                  file=sys.stderr, flush=True)
             while not printer.done.wait(0.2):
                 pass
         finally:

@@ -3,6 +3,7 @@ capability checks at build time, cleanup, and the retry policy."""
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 import threading
@@ -302,8 +303,12 @@ def test_background_notifier_full_queue_policies(caplog: pytest.LogCaptureFixtur
 
     transport, driver = _flaky_transport(10**9)
     transport.options["retry_interval"] = 0.01
-    dropping = tidings.BackgroundNotifier(transport, "p", queue_size=2, on_full="drop")
-    raising = tidings.BackgroundNotifier(transport, "p", queue_size=2, on_full="raise")
+    # pipeline=1: the sending thread holds one notification outside the queue, so of five,
+    # one is in flight, two wait in the queue and at least two find it full.
+    dropping = tidings.BackgroundNotifier(transport, "p", queue_size=2, on_full="drop",
+                                          pipeline=1)
+    raising = tidings.BackgroundNotifier(transport, "p", queue_size=2, on_full="raise",
+                                         pipeline=1)
     for _ in range(5):
         dropping.info({}, "e", {})
     assert dropping.stats.snapshot()["dropped"] >= 2
@@ -315,3 +320,79 @@ def test_background_notifier_full_queue_policies(caplog: pytest.LogCaptureFixtur
     assert dropping.close(10) and raising.close(10)
     with pytest.raises(ValueError, match="on_full"):
         tidings.BackgroundNotifier(transport, on_full="wait")
+
+
+class BatchingDriver(FlakyDriver):
+    """Records what each send_many call carried; fails the messages listed in ``refuse`` on
+    their first, pipelined attempt only."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.gate = threading.Event()
+        self.batches: list[list[str]] = []
+        self.delivered: list[str] = []
+        self.refuse: set[str] = set()
+
+    def send(self, message: OutgoingMessage, timeout: float | None = None) -> None:
+        self.delivered.append(json.loads(message.body)["payload"]["i"])
+
+    def send_many(self, messages: Sequence[OutgoingMessage],
+                  timeout: float | None = None) -> list[BaseException | None]:
+        assert self.gate.wait(10), "test did not open the gate"
+        ids = [json.loads(m.body)["payload"]["i"] for m in messages]
+        self.batches.append(ids)
+        results: list[BaseException | None] = []
+        for i in ids:
+            if i in self.refuse:
+                self.refuse.discard(i)
+                results.append(TransportUnreachable(f"no confirm for {i}"))
+            else:
+                self.delivered.append(i)
+                results.append(None)
+        return results
+
+
+def test_background_notifier_pipelines_a_backlog_and_retries_failures_alone() -> None:
+    driver = BatchingDriver()
+    opts = {"prefetch": 1, "max_message_size": 1 << 20, "send_timeout": 1.0,
+            "retry_interval": 0.001, "retry_max_interval": 0.002}
+    transport = tidings.Transport(driver, driver.url, "openstack", opts)
+    notifier = tidings.BackgroundNotifier(transport, "p", driver="messaging", retry=1,
+                                          pipeline=50)
+    driver.refuse = {7, 60}
+    for i in range(120):  # the thread waits at the gate with the first one: a backlog builds
+        notifier.info({}, "e", {"i": i})
+    driver.gate.set()
+    assert notifier.flush(10)
+    assert notifier.close(5)
+    # What the thread took before the gate, then the backlog in full batches of 50, in order.
+    sizes = [len(b) for b in driver.batches]
+    assert max(sizes) == 50 and sizes.count(50) >= 2, sizes
+    assert [i for b in driver.batches for i in b] == list(range(120))
+    # 7 and 60 failed their pipelined attempt and were sent again alone (retry=1 allows it).
+    assert sorted(driver.delivered) == list(range(120))
+    assert notifier.stats.snapshot()["sent"] == 120
+    assert notifier.stats.snapshot()["failed"] == 0
+
+
+def test_background_notifier_counts_a_failure_the_retry_policy_gives_up_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    driver = BatchingDriver()
+    driver.gate.set()
+    opts = {"prefetch": 1, "max_message_size": 1 << 20, "send_timeout": 1.0,
+            "retry_interval": 0.001, "retry_max_interval": 0.002}
+    transport = tidings.Transport(driver, driver.url, "openstack", opts)
+    notifier = tidings.BackgroundNotifier(transport, "p", driver="messaging", retry=0)
+    driver.refuse = {3}
+    for i in range(5):
+        notifier.info({}, "e", {"i": i})
+    assert notifier.close(5)
+    assert sorted(driver.delivered) == [0, 1, 2, 4]  # retry=0: the pipelined try was the one
+    assert notifier.stats.snapshot()["failed"] == 1
+    assert "could not send notification" in caplog.text and "retry=0" in caplog.text
+
+
+def test_background_notifier_rejects_a_bad_pipeline() -> None:
+    transport, _ = _flaky_transport(0)
+    with pytest.raises(ValueError, match="pipeline"):
+        tidings.BackgroundNotifier(transport, pipeline=0)

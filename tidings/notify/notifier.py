@@ -25,6 +25,7 @@ from typing import Any
 
 from tidings.notify import tracing
 from tidings.notify.serializer import NoOpSerializer
+from tidings.transports.base import OutgoingMessage
 from tidings.transports.errors import MessageDeliveryFailure
 from tidings.transports.retry import validate_retry
 from tidings.transports.stats import PublisherStats
@@ -65,9 +66,12 @@ def _send_noop(notifier: Notifier, ctxt: dict[str, Any], msg: dict[str, Any],
     return None
 
 
+#: Notifier drivers that send through the transport, with their envelope version.
+_TRANSPORT_VERSIONS = {"messagingv2": 2.0, "messaging": 1.0}
+
 NOTIFIER_DRIVERS: dict[str, SendFn] = {
-    "messagingv2": _send_messaging(2.0),
-    "messaging": _send_messaging(1.0),
+    "messagingv2": _send_messaging(_TRANSPORT_VERSIONS["messagingv2"]),
+    "messaging": _send_messaging(_TRANSPORT_VERSIONS["messaging"]),
     "log": _send_log,
     "noop": _send_noop,
 }
@@ -217,19 +221,30 @@ class BackgroundNotifier(Notifier):
     serialized at call time. ``flush()`` waits for the queue to drain; ``close()`` flushes and
     stops the thread (call it before ``transport.cleanup()``). ``prepare()`` copies share the
     queue, the thread and the stats.
+
+    The thread takes up to ``pipeline`` queued notifications at a time and hands them to the
+    transport together (``Transport.send_many``): a driver with asynchronous confirmations
+    (rabbit://) publishes them all and then waits for the broker's confirmations at once, so a
+    backlog drains at many times the rate of one confirmed round trip per notification, and
+    ``flush()`` still returns only when the broker has confirmed every one of them. A failed
+    notification is retried alone under the retry policy, so it may arrive after later ones.
+    ``pipeline=1`` sends one at a time.
     """
 
     def __init__(self, transport: Transport, publisher_id: str | None = None,
                  driver: str | Sequence[str] | None = "messagingv2",
                  topics: Sequence[str] | None = None, serializer: Any = None,
                  retry: int | None = None, exchange: str | None = None, *,
-                 queue_size: int = 10000, on_full: str = "block") -> None:
+                 queue_size: int = 10000, on_full: str = "block",
+                 pipeline: int = 64) -> None:
         super().__init__(transport, publisher_id, driver, topics, serializer, retry, exchange)
         if on_full not in ("block", "drop", "raise"):
             raise ValueError(f"on_full={on_full!r}: choose 'block', 'drop' or 'raise'")
-        if not isinstance(queue_size, int) or queue_size < 1:
-            raise ValueError(f"queue_size={queue_size!r} must be a positive integer")
+        for name, value in (("queue_size", queue_size), ("pipeline", pipeline)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
         self.on_full = on_full
+        self.pipeline = pipeline
         self._queue: queue.Queue[tuple[Notifier, tuple[Any, ...]] | None] = \
             queue.Queue(queue_size)
         self._closed = threading.Event()  # shared with prepare()d copies, like the queue
@@ -256,19 +271,60 @@ class BackgroundNotifier(Notifier):
                       self._queue.maxsize, item[1][1]["message_id"], event_type)
 
     def _run(self) -> None:
+        take = self._queue.get_nowait
         while True:
-            item = self._queue.get()
+            items = [self._queue.get()]
             try:
-                if item is None:
-                    return
-                owner, built = item
-                try:
-                    Notifier._deliver(owner, *built)
-                except Exception:
-                    LOG.exception("background send of notification %s failed",
-                                  built[1]["message_id"])
+                while len(items) < self.pipeline and items[-1] is not None:
+                    items.append(take())
+            except queue.Empty:
+                pass
+            try:
+                self._send_batch([item for item in items if item is not None])
+            except Exception:
+                LOG.exception("background send of %d notification(s) failed", len(items))
             finally:
-                self._queue.task_done()
+                for _ in items:
+                    self._queue.task_done()
+            if items[-1] is None:
+                return
+
+    def _send_batch(self, items: list[tuple[Notifier, tuple[Any, ...]]]) -> None:
+        """Encode every transport send of ``items``, send them with one pipelined call per
+        retry value, then account for each notification (sent, or failed and logged)."""
+        began = time.perf_counter()
+        errors: list[BaseException | None] = [None] * len(items)
+        batches: dict[int | None, tuple[list[OutgoingMessage], list[int]]] = {}
+        for index, (owner, (context, msg, wire_priority)) in enumerate(items):
+            try:
+                for name, send in zip(owner._driver_names, owner._drivers, strict=True):
+                    version = _TRANSPORT_VERSIONS.get(name)
+                    if version is None:
+                        send(owner, context, msg, wire_priority)  # log, noop: no broker
+                        continue
+                    out, where = batches.setdefault(owner.retry, ([], []))
+                    for target in owner._targets(wire_priority):
+                        out.append(owner.transport.encode_notification(
+                            target, context, msg, version))
+                        where.append(index)
+            except Exception as exc:
+                errors[index] = exc
+        for retry, (out, where) in batches.items():
+            for index, exc in zip(where, self.transport.send_many(out, retry), strict=True):
+                if exc is not None and errors[index] is None:
+                    errors[index] = exc
+        took = time.perf_counter() - began
+        for (owner, (_, msg, _)), exc in zip(items, errors, strict=True):
+            if exc is None:
+                owner.stats.sent(took)
+                continue
+            owner.stats.failed()
+            if isinstance(exc, MessageDeliveryFailure):
+                LOG.error("could not send notification %s (%s): %s", msg["message_id"],
+                          msg["event_type"], exc)
+            else:
+                LOG.error("background send of notification %s (%s) failed: %s",
+                          msg["message_id"], msg["event_type"], exc, exc_info=exc)
 
     def pending(self) -> int:
         """Notifications queued and not yet sent."""

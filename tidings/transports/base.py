@@ -265,6 +265,27 @@ class Driver(abc.ABC):
         raise anything else for errors a retry cannot fix. ``timeout`` bounds the attempt.
         """
 
+    def send_many(self, messages: Sequence[OutgoingMessage],
+                  timeout: float | None = None) -> list[BaseException | None]:
+        """Deliver several messages, one attempt each; one result per message, in order:
+        None when the broker has it, else the exception :meth:`send` would have raised.
+
+        Optional. A driver whose broker confirms asynchronously overrides it to publish them
+        all and then wait for the confirmations together (one round trip for the lot instead
+        of one each); this default sends them one by one. ``timeout`` bounds each message's
+        attempt; a pipelining driver may apply it to the batch as a whole.
+        The core (BackgroundNotifier) retries the failed ones under its retry policy.
+        """
+        results: list[BaseException | None] = []
+        for message in messages:
+            try:
+                self.send(message, timeout=timeout)
+            except Exception as exc:
+                results.append(exc)
+            else:
+                results.append(None)
+        return results
+
     @abc.abstractmethod
     def listen(self, bindings: Sequence[Binding], pool: str | None,
                prefetch: int) -> Listener:

@@ -32,16 +32,23 @@ def validate_retry(retry: int | None) -> int | None:
 
 def call_with_retry(attempt: Callable[[], T], retry: int | None, what: str, *,
                     interval: float = 0.2, max_interval: float = 5.0,
-                    stop: threading.Event | None = None) -> T:
+                    stop: threading.Event | None = None,
+                    failed: TransportUnreachable | None = None) -> T:
     """Run ``attempt`` until it succeeds or the policy gives up; raise MessageDeliveryFailure.
 
     ``stop`` (set by Transport.cleanup) ends an endless retry so that shutting down never hangs.
+    ``failed`` is a first attempt that was already made elsewhere (a pipelined send) and failed:
+    it counts against ``retry`` and is followed by the usual backoff.
     """
     retry = validate_retry(retry)
     failures = 0
     delay = interval
+    pending_failure = failed
     while True:
         try:
+            if pending_failure is not None:
+                exc, pending_failure = pending_failure, None
+                raise exc
             return attempt()
         except TransportUnreachable as exc:
             failures += 1

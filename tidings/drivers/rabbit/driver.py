@@ -54,14 +54,26 @@ class RabbitDriver(Driver):
             self._heartbeats = HeartbeatThread(max(0.5, self.settings.heartbeat / 4.0))
 
     def send(self, message: OutgoingMessage, timeout: float | None = None) -> None:
-        if not self._publisher_beats and self._heartbeats is not None:
-            self._heartbeats.add(self._publisher)
-            self._publisher_beats = True
+        self._start_beats()
         try:
             self._publisher.send(message, DEFAULT_SEND_TIMEOUT if timeout is None else timeout)
         except LinkRefused as exc:
             # Credentials or permissions: waiting will not fix it, so the core must not retry.
             raise MessageDeliveryFailure(str(exc)) from exc
+
+    def send_many(self, messages: Sequence[OutgoingMessage],
+                  timeout: float | None = None) -> list[BaseException | None]:
+        """Publish them all, then wait for the confirmations together (pipelined)."""
+        self._start_beats()
+        results = self._publisher.send_many(
+            messages, DEFAULT_SEND_TIMEOUT if timeout is None else timeout)
+        return [MessageDeliveryFailure(str(exc)) if isinstance(exc, LinkRefused) else exc
+                for exc in results]
+
+    def _start_beats(self) -> None:
+        if not self._publisher_beats and self._heartbeats is not None:
+            self._heartbeats.add(self._publisher)
+            self._publisher_beats = True
 
     def listen(self, bindings: Sequence[Binding], pool: str | None,
                prefetch: int) -> Listener:
