@@ -5,18 +5,30 @@ value ``vhost:<name>`` selects ``<name>``; anything else falls back to the plugi
 virtual host (``/``). proton sends the ``virtual_host`` connect argument as that hostname (and as
 the SASL hostname), so the driver passes ``vhost:<name>`` there. Credentials go as separate
 arguments, never inside the URL string proton logs.
+
+With TLS (``ssl=true``, the options shared with ``rabbit://`` in :mod:`tidings.transports.tls`)
+the connection is ``amqps`` with a client :class:`proton.SSLDomain` made from the settings. proton
+checks the broker's certificate against the name it also sends as SNI, and that name defaults to
+the *virtual host* argument, which here is ``vhost:<name>``: so the URL's host is always passed as
+``sni``. proton (0.40, OpenSSL) matches that name against the certificate's DNS names and common
+name only, never its IP addresses. A failed handshake is reported by proton as a transport error
+whose description starts with ``SSL``; it is turned into a line that names TLS and what to check.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from proton import Connection, Endpoint, Handler
+from proton import SSL, Connection, Endpoint, Handler, SSLDomain, SSLException
 
 from tidings.drivers.amqp1.loop import EventLoop
 from tidings.drivers.amqp1.topology import BrokerHost
+from tidings.transports.errors import InvalidTransportOption
+from tidings.transports.tls import TLSSettings
 
 __all__ = ["ConnectParams", "ConnectionOwner", "describe_condition"]
 
@@ -31,9 +43,63 @@ class ConnectParams:
     virtual_host: str
     heartbeat: float = 60.0
     max_frame_size: int | None = None
+    tls: TLSSettings | None = None
+    """None: plain AMQP; otherwise the connection is ``amqps`` with these settings."""
 
     def address(self, attempt: int) -> str:
         return str(self.hosts[attempt % len(self.hosts)])
+
+    def ssl_domain(self) -> SSLDomain:
+        """A client SSLDomain for the TLS settings: the broker's certificate is verified always
+        (against ssl_ca_file, or the system's CAs), its name unless ssl_verify_hostname=false.
+
+        Made afresh for each connection, in the loop thread: a domain is a proton object with
+        a reference count that is not thread-safe, and one costs well under a millisecond.
+        Raises InvalidTransportOption when proton cannot load the files (the driver calls it
+        once when it is built, so that happens at start-up).
+        """
+        tls = self.tls
+        if tls is None:
+            raise ValueError("TLS is off")
+        if not SSL.present():
+            raise InvalidTransportOption("ssl=true, but this python-qpid-proton was built "
+                                         "without TLS support; install a build with OpenSSL "
+                                         "(the wheels on PyPI have it)")
+        step = "its TLS mode"
+        try:
+            domain = SSLDomain(SSLDomain.MODE_CLIENT)
+            if tls.ca_file:
+                step = f"ssl_ca_file={tls.ca_file}"
+                domain.set_trusted_ca_db(tls.ca_file)
+            step = "the peer verification mode"
+            domain.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME if tls.verify_hostname
+                                           else SSLDomain.VERIFY_PEER)
+            if tls.cert_file:
+                # A PEM file may hold the key after the certificate: then no ssl_key_file.
+                step = f"ssl_cert_file={tls.cert_file} / ssl_key_file=" \
+                       f"{tls.key_file or tls.cert_file}"
+                domain.set_credentials(tls.cert_file, tls.key_file or tls.cert_file, None)
+        except SSLException as exc:
+            raise InvalidTransportOption(
+                f"python-qpid-proton cannot use {step} ({exc}); give readable PEM files (the "
+                f"CA bundle; the client certificate and its unencrypted key)") from None
+        return domain
+
+    def describe_failure(self, conn: Connection, cond: Any) -> str:
+        """What a transport error means, for logs and errors; a failed TLS handshake names
+        TLS and what to check."""
+        reason = describe_condition(cond, "transport error")
+        desc = (getattr(cond, "description", None) or "") if cond is not None else ""
+        host: BrokerHost | None = getattr(conn, "tidings_host", None)
+        if self.tls is None or host is None or not desc.startswith("SSL"):
+            return reason
+        # "SSL Failure: error:0A000086:SSL routines::certificate verify failed" -> the words
+        error = _OPENSSL_CODE.sub("", desc.removeprefix("SSL Failure:").strip())
+        text = self.tls.explain_handshake_failure(str(host), host.host, error)
+        if self.tls.verify_hostname and "verify failed" in error and _is_ip(host.host):
+            text += ("; proton never matches an IP address in the URL against the certificate "
+                     "(only its DNS names and common name): put a host name it lists in the URL")
+        return text
 
     def connect(self, loop: EventLoop, handler: Handler, attempt: int) -> Connection:
         """Open a connection (loop thread only) to the ``attempt``-th host, round-robin."""
@@ -51,9 +117,28 @@ class ConnectParams:
             kwargs["heartbeat"] = self.heartbeat
         if self.max_frame_size:
             kwargs["max_frame_size"] = self.max_frame_size
-        conn = loop.container.connect(f"amqp://{self.address(attempt)}", **kwargs)
+        scheme = "amqp"
+        if self.tls is not None:
+            scheme = "amqps"
+            kwargs["ssl_domain"] = self.ssl_domain()
+            # Checked against the certificate and sent as SNI; without it proton would use the
+            # virtual_host argument ("vhost:<name>").
+            kwargs["sni"] = host.host
+        conn = loop.container.connect(f"{scheme}://{self.address(attempt)}", **kwargs)
+        conn.tidings_host = host  # kept in proton's record: found again from events
         loop.track(conn)
         return conn
+
+
+_OPENSSL_CODE = re.compile(r"^error:[0-9A-Fa-f]+:[^:]*::?")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def describe_condition(cond: Any, default: str) -> str:
@@ -72,6 +157,9 @@ class ConnectionOwner(Handler):
     session closed by the broker calls ``link_failed``, whose default is to give up the whole
     connection (RabbitMQ 3.x ends the session on a failed attach or a bad disposition anyway).
     """
+
+    params: ConnectParams | None = None
+    """How the connection was opened; subclasses set it (used to explain transport errors)."""
 
     def __init__(self, loop: EventLoop) -> None:
         self.loop = loop
@@ -100,8 +188,11 @@ class ConnectionOwner(Handler):
 
     def on_transport_error(self, event: Any) -> None:
         cond = event.transport.condition if event.transport else None
-        if event.connection is not None:
-            self._give_up(event.connection, describe_condition(cond, "transport error"))
+        conn = event.connection
+        if conn is not None:
+            reason = (self.params.describe_failure(conn, cond) if self.params is not None
+                      else describe_condition(cond, "transport error"))
+            self._give_up(conn, reason)
 
     def on_transport_closed(self, event: Any) -> None:
         conn = event.connection

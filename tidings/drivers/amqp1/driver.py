@@ -2,7 +2,9 @@
 
 URL: ``amqp://user:pass@host:5672[,host2:5672]/vhost?options``; no host means localhost:5672,
 no user means guest/guest. The virtual host is selected the way RabbitMQ 3.x's plugin reads it,
-as ``vhost:<name>`` in the open frame's hostname.
+as ``vhost:<name>`` in the open frame's hostname. ``ssl=true`` (and the other TLS options, shared
+with ``rabbit://`` through :mod:`tidings.transports.tls`) connects with TLS, port 5671 by
+default, for the AMQP 1.0 connections and the topology's AMQP 0-9-1 declares alike.
 
 What the driver does, and where:
 
@@ -49,6 +51,7 @@ from tidings.transports.queues import (
     reconnect_backoff,
     seconds,
 )
+from tidings.transports.tls import DEFAULT_TLS_PORT, TLS_OPTIONS, tls_settings
 from tidings.transports.url import TransportURL
 
 __all__ = ["AMQP1Driver"]
@@ -80,6 +83,7 @@ class AMQP1Driver(Driver):
         "heartbeat": Option(float, 60.0, "AMQP 1.0 idle timeout in seconds, so a dead "
                                          "connection is noticed (0 disables it)"),
         **RECONNECT_OPTIONS,
+        **TLS_OPTIONS,
     }
 
     def __init__(self, url: TransportURL, options: Mapping[str, Any]) -> None:
@@ -88,14 +92,20 @@ class AMQP1Driver(Driver):
         seconds(conf, "heartbeat")  # checked here: 0 (off) or positive
         self._connect_timeout = seconds(conf, "connect_timeout", positive=True)
         self._reconnect = reconnect_backoff(conf)
-        hosts = tuple(BrokerHost(h.hostname or "localhost", h.port or DEFAULT_PORT,
+        tls = tls_settings(url, conf)  # ssl_* files without ssl=true etc. fail here
+        port = DEFAULT_PORT if tls is None else DEFAULT_TLS_PORT
+        hosts = tuple(BrokerHost(h.hostname or "localhost", h.port or port,
                                  h.username, h.password) for h in url.hosts) \
-            or (BrokerHost("localhost", DEFAULT_PORT),)
+            or (BrokerHost("localhost", port),)
         vhost = url.virtual_host or "/"
         queues = QueueModel.from_options(conf)
-        self._params = ConnectParams(hosts, vhost, heartbeat=float(conf["heartbeat"]))
+        self._params = ConnectParams(hosts, vhost, heartbeat=float(conf["heartbeat"]), tls=tls)
+        if tls is not None:
+            # Files that cannot be loaded fail now, naming the option, not at every connect.
+            tls.check_files()
+            self._params.ssl_domain()
         self._settings = TopologySettings(hosts, vhost, queues=queues,
-                                          connect_timeout=self._connect_timeout)
+                                          connect_timeout=self._connect_timeout, tls=tls)
         self._topology: Topology = TOPOLOGIES[conf["topology"]](self._settings)
         # per instance, from the options: durable, dead_letter and exchanges depend on them
         self.capabilities = queues.capabilities(type(self).capabilities)  # type: ignore[misc]

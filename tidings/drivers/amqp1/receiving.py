@@ -340,6 +340,7 @@ class AMQP1Listener(Listener):
         self._backoff_first, self._backoff_max = reconnect
         self._backoff = self._backoff_first
         self._attempt = 0
+        self._opened_once = False  # connect failures before that are raised by listen()
         # settlements waiting for the loop thread
         self._settles: list[tuple[_Entry, int]] = []
         self._poll_thread: int | None = None  # settlements from this thread wait for poll()
@@ -384,11 +385,14 @@ class AMQP1Listener(Listener):
             backoff = min(backoff * 2, self._backoff_max)
             addresses = self._topology.prepare_listen(self._bindings, self._pool)
         self._closed = True
+        shown = failures[-3:]
+        # A failed TLS handshake carries its own advice; the plugin is not the problem then.
+        advice = ("" if all("TLS handshake" in f for f in shown) else
+                  "; check that the broker is up and that its AMQP 1.0 plugin is enabled "
+                  "(rabbitmq-plugins enable rabbitmq_amqp1_0)")
         raise TransportUnreachable(
             f"cannot consume {', '.join(addresses)} over AMQP 1.0 within connect_timeout="
-            f"{self._connect_timeout:g}s ({'; '.join(failures[-3:])}); check that the broker "
-            f"is up and that its AMQP 1.0 plugin is enabled "
-            f"(rabbitmq-plugins enable rabbitmq_amqp1_0)")
+            f"{self._connect_timeout:g}s ({'; '.join(shown)}){advice}")
 
     def _start_side(self, addresses: Sequence[str]) -> _ReceiveSide:
         if len(self._shares) != len(addresses):
@@ -419,6 +423,7 @@ class AMQP1Listener(Listener):
                 return
             recovered = self._state == "connecting" and self._attempt > 1
             self._state = "open"
+            self._opened_once = True
             self._backoff = self._backoff_first
             self._cond.notify_all()
         if recovered:
@@ -440,6 +445,10 @@ class AMQP1Listener(Listener):
         elif was == "open":
             LOG.warning("AMQP 1.0 listener on %s lost its connection (%s); unsettled messages "
                         "go back to the queue, reconnecting", ", ".join(side.addresses), reason)
+        elif was == "connecting" and "TLS handshake" in reason and self._opened_once:
+            # Not transient, and the listener gets nothing until it is fixed: say so each time.
+            LOG.warning("AMQP 1.0 listener on %s cannot reconnect: %s", ", ".join(side.addresses),
+                        reason)
         else:
             LOG.debug("AMQP 1.0 listener connect failed: %s", reason)
 

@@ -220,14 +220,17 @@ class SendSide(ConnectionOwner):
     def lost(self, conn: Connection, reason: str) -> None:
         if self.conn is not None and conn != self.conn:
             return
+        was_open = self._open_conn is not None
         self.conn = self._open_conn = None
         links, self.links = self.links, {}
+        what = ("the AMQP 1.0 connection to the broker was lost" if was_open else
+                "cannot open an AMQP 1.0 connection to the broker")
         for link in links.values():
-            self._fail_link(link, f"the AMQP 1.0 connection to the broker was lost: {reason}")
+            self._fail_link(link, f"{what}: {reason}")
         if not self._closing:
             if links:
-                LOG.warning("AMQP 1.0 sender connection lost (%s); the next send reconnects",
-                            reason)
+                LOG.warning("AMQP 1.0 sender connection %s (%s); the next send reconnects",
+                            "lost" if was_open else "failed", reason)
             self._on_lost(None)
 
     def _fail_link(self, link: _SendLink, reason: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Any
 from tidings.transports.base import Binding
 from tidings.transports.errors import InvalidTransportOption, TransportUnreachable
 from tidings.transports.queues import QueueModel, QueuePlan
+from tidings.transports.tls import TLSSettings, ssl_error_text
 from tidings.transports.url import mask_password
 
 __all__ = [
@@ -71,6 +73,8 @@ class TopologySettings:
     queues: QueueModel = field(default_factory=QueueModel)
     """Names, flags and arguments of the queues (the core's oslo.messaging queue model)."""
     connect_timeout: float = 10.0
+    tls: TLSSettings | None = None
+    """TLS for the declaring connection too: RabbitMQ's TLS listener serves both protocols."""
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -139,7 +143,10 @@ class Amqp091Topology(Topology):
     """Declares topic exchanges, queues and bindings over AMQP 0-9-1 (py-amqp), idempotently.
 
     RabbitMQ serves AMQP 0-9-1 and 1.0 on the same port, so the URL's hosts and credentials reach
-    both. Each declare opens a short connection and closes it: declares are rare (cached for
+    both; that holds for its TLS listener too, so with ``ssl=true`` this connection uses the same
+    TLS settings as the AMQP 1.0 ones (and, being the first to connect, usually reports a failed
+    handshake, with Python's ssl module's more precise reason). Each declare opens a short
+    connection and closes it: declares are rare (cached for
     sends, once per connect for listeners) and a fresh connection needs no heartbeat upkeep and
     cannot go stale across a broker restart. Exchanges and queues get oslo.messaging's arguments
     (topic, not auto-deleted, durable only with ``durable``), plus the extra queue arguments of
@@ -219,16 +226,27 @@ class Amqp091Topology(Topology):
 
         s = self.settings
         errors: list[str] = []
+        tls_failures = 0
         for host in s.hosts:
             where = str(host)
+            ssl_opts: Any = False
+            if s.tls is not None:
+                ssl_opts = s.tls.ssl_options()
+                if "server_hostname" in ssl_opts:
+                    ssl_opts["server_hostname"] = host.host  # checked, and sent as SNI
             conn = amqp.Connection(where, userid=host.username or "guest",
                                    password=host.password if host.username else "guest",
-                                   virtual_host=s.virtual_host,
+                                   virtual_host=s.virtual_host, ssl=ssl_opts,
                                    connect_timeout=s.connect_timeout, heartbeat=0)
             try:
                 conn.connect()
             except (OSError, amqp.exceptions.AMQPError) as exc:
-                errors.append(f"{where}: {_describe(exc)}")
+                if s.tls is not None and isinstance(exc, ssl.SSLError):
+                    tls_failures += 1
+                    errors.append(s.tls.explain_handshake_failure(where, host.host,
+                                                                  _describe(exc)))
+                else:
+                    errors.append(f"{where}: {_describe(exc)}")
                 _close_quietly(conn)
                 continue
             try:
@@ -240,16 +258,20 @@ class Amqp091Topology(Topology):
                 errors.append(f"{where}: {_describe(exc)}")
             finally:
                 _close_quietly(conn)
+        advice = ("" if tls_failures == len(errors) else
+                  "; check that the broker is up, that the user may log in and configure that "
+                  "virtual host")
         raise TransportUnreachable(mask_password(
             f"cannot declare the AMQP 1.0 driver's queues over AMQP 0-9-1 on virtual host "
-            f"{s.virtual_host!r} ({'; '.join(errors)}); check that the broker is up, that the "
-            f"user may log in and configure that virtual host"))
+            f"{s.virtual_host!r} ({'; '.join(errors)}){advice}"))
 
 
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     if isinstance(exc, socket.timeout):
         text = "connect timed out"
+    elif isinstance(exc, ssl.SSLError):
+        text = ssl_error_text(exc)
     return text
 
 

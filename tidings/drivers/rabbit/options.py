@@ -4,12 +4,12 @@ imply.
 Options are declared as data (tidings ``Option``) so the core rejects unknown or mistyped ones
 before the driver runs. Combinations the core cannot judge (an ``ssl_*`` file without
 ``ssl=true``, a negative expiry) are checked here, when the transport is built, so a bad URL fails
-at start-up rather than at the first send.
+at start-up rather than at the first send. The TLS options and their checks are the core's
+(:mod:`tidings.transports.tls`, shared with ``amqp://``).
 """
 
 from __future__ import annotations
 
-import ssl as _ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,12 +23,13 @@ from tidings.transports.queues import (
     reconnect_backoff,
     seconds,
 )
+from tidings.transports.tls import DEFAULT_TLS_PORT, TLS_OPTIONS, TLSSettings, tls_settings
 from tidings.transports.url import TransportURL
 
 __all__ = ["BASE_CAPABILITIES", "OPTIONS", "Endpoint", "Settings"]
 
 DEFAULT_PORT = 5672
-DEFAULT_SSL_PORT = 5671
+DEFAULT_SSL_PORT = DEFAULT_TLS_PORT
 
 OPTIONS: dict[str, Option[Any]] = {
     "heartbeat": Option(int, 60, "AMQP heartbeat timeout in seconds (0 disables heartbeats); "
@@ -41,13 +42,7 @@ OPTIONS: dict[str, Option[Any]] = {
                                             "after this many redeliveries (0: no limit)"),
     **QUEUE_OPTIONS,
     **RECONNECT_OPTIONS,
-    "ssl": Option(bool, False, "connect with TLS (default port 5671)"),
-    "ssl_ca_file": Option(str, "", "CA bundle that signs the broker's certificate (default: "
-                                   "the system's CAs)"),
-    "ssl_cert_file": Option(str, "", "client certificate for TLS client authentication"),
-    "ssl_key_file": Option(str, "", "private key of ssl_cert_file"),
-    "ssl_verify_hostname": Option(bool, True, "check that the broker's certificate names the "
-                                              "host in the URL"),
+    **TLS_OPTIONS,
 }
 
 BASE_CAPABILITIES = Capabilities(
@@ -88,18 +83,14 @@ class Settings:
     ssl_options: dict[str, Any] | None
     shown: str
     """The URL with passwords masked: what log lines and errors show."""
+    tls: TLSSettings | None = None
+    """TLS settings (shared with amqp://); None when TLS is off. ``ssl_options`` is their
+    kombu form."""
 
     @classmethod
     def from_url(cls, url: TransportURL, options: Mapping[str, Any]) -> Settings:
-        use_ssl = bool(options["ssl"])
-        files = {k: options[k] for k in ("ssl_ca_file", "ssl_cert_file", "ssl_key_file")}
-        if not use_ssl and any(files.values()):
-            given = ", ".join(k for k, v in files.items() if v)
-            raise InvalidTransportOption(
-                f"{given} given in {url.masked()} but TLS is off; add ssl=true to the URL")
-        if files["ssl_key_file"] and not files["ssl_cert_file"]:
-            raise InvalidTransportOption("ssl_key_file needs ssl_cert_file (the certificate "
-                                         "it belongs to); add ssl_cert_file to the URL")
+        tls = tls_settings(url, options)  # ssl_* without ssl=true etc. fail here
+        use_ssl = tls is not None
         heartbeat = int(options["heartbeat"])
         if heartbeat < 0:
             raise InvalidTransportOption(f"URL option heartbeat={heartbeat} must be 0 (off) "
@@ -127,23 +118,11 @@ class Settings:
                      password=(h.password if h.password is not None
                                else ("guest" if h.username is None else "")))
             for h in url.hosts) or (Endpoint("localhost", port, "guest", "guest"),)
-        ssl_options: dict[str, Any] | None = None
-        if use_ssl:
-            ssl_options = {"cert_reqs": _ssl.CERT_REQUIRED}
-            if files["ssl_ca_file"]:
-                ssl_options["ca_certs"] = files["ssl_ca_file"]
-            if files["ssl_cert_file"]:
-                ssl_options["certfile"] = files["ssl_cert_file"]
-            if files["ssl_key_file"]:
-                ssl_options["keyfile"] = files["ssl_key_file"]
-            # py-amqp turns hostname checking on exactly when server_hostname is given; kombu
-            # fills a None in with the host being connected to.
-            if options["ssl_verify_hostname"]:
-                ssl_options["server_hostname"] = None
         return cls(endpoints=endpoints, virtual_host=url.virtual_host or "/",
                    heartbeat=heartbeat, connect_timeout=connect_timeout, quorum=quorum,
                    queues=queues, reconnect_interval=interval, reconnect_max_interval=max_interval,
-                   ssl_options=ssl_options, shown=url.masked())
+                   ssl_options=tls.ssl_options() if tls is not None else None,
+                   shown=url.masked(), tls=tls)
 
     def capabilities(self) -> Capabilities:
         """What this configuration can honestly promise (durability needs durable queues)."""
