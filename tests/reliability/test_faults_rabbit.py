@@ -304,9 +304,10 @@ def test_rabbit_memory_alarm_bounded_failure_then_recovery(
         node: RabbitNode, vhost: str, figures: Figures) -> None:
     """The node raises its memory alarm (watermark 1e-7) and blocks every publishing connection.
     A notifier with retry=2 and send_timeout=1 fails with MessageDeliveryFailure after 3 attempts
-    in about 3 s (the driver does not act on connection.blocked: each attempt waits send_timeout
-    for a confirmation). A retry=None send keeps trying, by its rule, and gets through once the
-    alarm is lifted; the listener gets every notification."""
+    in about 3 s, naming the alarm (each attempt waits send_timeout; once the driver has seen
+    connection.blocked it publishes nothing more on that connection and keeps it, instead of
+    reconnecting and leaving one more copy per attempt). A retry=None send keeps trying, by its
+    rule, and gets through once the alarm is lifted; the listener gets every notification."""
     retry, send_timeout = 2, 1.0
     topic = f"alarm-{uid()}"
     log = DeliveryLog()
@@ -333,6 +334,7 @@ def test_rabbit_memory_alarm_bounded_failure_then_recovery(
             fail_s = time.monotonic() - began
             log.send_failed(100)
             assert f"after {retry + 1} attempt(s)" in str(err.value), err.value
+            assert "blocking publishers" in str(err.value), err.value
             # (retry + 1) attempts of send_timeout each, the waits between them (0.1 +
             # 0.2 s), reconnecting, and slack for a loaded machine.
             assert fail_s < (retry + 1) * (send_timeout + 1.0) + 0.3 + 3.0, fail_s
@@ -362,12 +364,73 @@ def test_rabbit_memory_alarm_bounded_failure_then_recovery(
             fail_after_s=fail_s, failed_send_copies=copies[100],
             patient_attempts=attempts_blocked, patient_send_copies=copies[101])
     report.assert_valid(at_least_once=True, allow_duplicates=True)
-    # A blocked connection still took the publish in before the broker stopped reading it, so
-    # every timed-out attempt may leave a copy that is delivered once the alarm clears: the
-    # "failed" send arrives anyway (recovered) and a retried one may arrive once per attempt.
-    # Nothing else is duplicated.
-    assert set(report.duplicated) <= {100, 101}, report.duplicated
-    assert copies[100] <= retry + 1 and 1 <= copies[101] <= attempts_blocked, copies
+    # The broker reads the first publish on a connection before it blocks it, so the "failed"
+    # send may still arrive once the alarm clears (recovered); after that the driver publishes
+    # nothing on the blocked connection, so no attempt adds a copy, and the patient send arrives
+    # once (twice if its first attempt came before the block). Nothing else is duplicated.
+    assert set(report.duplicated) <= {101}, report.duplicated
+    assert copies[100] <= 1 and 1 <= copies[101] <= 2, copies
+
+
+def test_rabbit_disk_alarm_blocks_publishers_and_a_background_notifier_waits_it_out(
+        node: RabbitNode, vhost: str, figures: Figures) -> None:
+    """The node raises its disk alarm alone (disk_free_limit far above the free space). A
+    Notifier with retry=1 fails naming the alarm; a pipelined BackgroundNotifier (retry=None)
+    keeps taking notifications without blocking its caller and confirms none while the alarm
+    holds; once the limit is lowered, flush() returns and the listener gets every one."""
+    topic = f"disk-{uid()}"
+    log = DeliveryLog()
+    endpoint = Recorder(log)
+    transport = tidings.get_notification_transport(node.url(
+        vhost, query="send_timeout=1&retry_interval=0.1&retry_max_interval=0.2"
+                     "&connect_timeout=2"))
+    alarmed = False
+    try:
+        listener = tidings.get_notification_listener(transport, [Target(topic)], [endpoint])
+        with started(listener):
+            notifier = tidings.Notifier(transport, "reliability", topics=[topic], retry=1,
+                                        raise_on_failure=True)
+            SendStream(notifier, log, range(5)).start().join()
+            assert log.wait_acked(range(5), WAIT)
+
+            node.ctl("set_disk_free_limit", "100000GB")
+            alarmed = True
+            wait_until(lambda: "disk" in _alarms(node), "the disk alarm", every=0.3)
+            began = time.monotonic()
+            with pytest.raises(MessageDeliveryFailure, match="blocking publishers"):
+                notifier.info({}, "reliability.tick", {"key": 100})
+            fail_s = time.monotonic() - began
+            log.send_failed(100)
+
+            background = tidings.BackgroundNotifier(transport, "reliability", topics=[topic],
+                                                    retry=None)
+            keys = range(200, 300)
+            for key in keys:
+                background.info({}, "reliability.tick", {"key": key})  # never blocks
+            assert not background.flush(2.0), "sends were confirmed through a disk alarm"
+            assert background.stats.snapshot()["sent"] == 0
+            t_lift = time.monotonic()
+            node.ctl("set_disk_free_limit", "50MB")
+            alarmed = False
+            assert background.flush(WAIT), f"{background.pending()} still unconfirmed"
+            lifted_after = time.monotonic() - t_lift
+            stats = background.stats.snapshot()
+            assert background.close(5)
+            assert stats["sent"] == len(keys) and stats["failed"] == 0, stats
+            for key in keys:
+                log.sent(key)
+            assert log.wait_acked([*range(5), *keys], WAIT), log.report().counts
+    finally:
+        if alarmed:
+            node.ctl("set_disk_free_limit", "50MB")
+        transport.cleanup()
+    report = log.report()
+    copies = sum(1 for k, e in log.history if k == 100 and e == "ack")
+    figures("rabbit: disk alarm, background notifier", **summary(report),
+            recovery_s=lifted_after, fail_after_s=fail_s, failed_send_copies=copies,
+            queued_during_alarm=len(keys))
+    report.assert_valid(at_least_once=True, allow_duplicates=True)
+    assert copies <= 1 and not set(report.duplicated) - {100}, report.duplicated
 
 
 # -- TLS: hostname verification is on unless switched off -------------------------------------

@@ -85,6 +85,10 @@ class _State:
         self.queues: set[tuple[str, str]] = set()
         self.declare_channel: Any = None
         self.last_read = time.monotonic()
+        #: Why the broker blocks this connection (connection.blocked: a memory or disk alarm),
+        #: or None. While it is set, nothing is published on it: a message written into a
+        #: blocked connection sits unread, unconfirmed, and arrives after the alarm anyway.
+        self.blocked: str | None = None
 
 
 class Publisher:
@@ -105,6 +109,10 @@ class Publisher:
         deadline = time.monotonic() + timeout
         with self._io:
             st = self._usable_state()
+        self._unblocked(st, deadline, timeout)
+        with self._io:
+            if self._state is not st:
+                st = self._usable_state()
             pending = self._publish(st, message, timeout)
         self._await(st, pending, deadline, timeout)
         if pending.error is not None:
@@ -117,11 +125,18 @@ class Publisher:
         deadline = time.monotonic() + timeout
         results: list[BaseException | None] = [None] * len(messages)
         published: list[tuple[int, _Pending]] = []
-        with self._io:
-            try:
+        try:
+            with self._io:
                 st = self._usable_state()
-            except TransportUnreachable as exc:
-                return [exc] * len(messages)
+            self._unblocked(st, deadline, timeout)
+        except TransportUnreachable as exc:
+            return [exc] * len(messages)
+        with self._io:
+            if self._state is not st:
+                try:
+                    st = self._usable_state()
+                except TransportUnreachable as exc:
+                    return [exc] * len(messages)
             try:
                 for message in messages:  # declares wait for replies: all before corking
                     self._declare_for(st, message.exchange, message.routing_key)
@@ -205,9 +220,16 @@ class Publisher:
             left = deadline - time.monotonic()
             if left <= 0:
                 with self._io:
-                    if not pending.done:
-                        # The broker did not answer in time: this connection cannot be trusted
-                        # to deliver the others' confirmations either.
+                    if pending.done:
+                        return
+                    if st.blocked is not None:
+                        # The broker blocked the connection after reading this message (an
+                        # alarm). The connection is sound: a new one would only be blocked
+                        # after its own first publish, one more copy for after the alarm.
+                        self._forget(st, pending, self._blocked_error(st, timeout))
+                    else:
+                        # The broker did not answer in time: this connection cannot be
+                        # trusted to deliver the others' confirmations either.
                         self._drop(st, TimeoutError(f"no confirmation within {timeout:g}s"))
                 return
             if self._reading.acquire(blocking=False):
@@ -251,6 +273,42 @@ class Publisher:
                     other.wake()
                     break
 
+    def _unblocked(self, st: _State, deadline: float, timeout: float) -> None:
+        """Return once ``st`` is not blocked by the broker; raise TransportUnreachable naming
+        the alarm if it still is at ``deadline`` (the core's retry policy decides what next).
+        Reads the connection meanwhile, so connection.unblocked is seen as soon as it comes."""
+        while st.blocked is not None and st.link.alive:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransportUnreachable(self._blocked_error(st, timeout))
+            if not self._reading.acquire(blocking=False):
+                threading.Event().wait(min(left, 0.05))  # another thread reads for us
+                continue
+            try:
+                if st.link.readable(min(left, 0.05)):
+                    with self._io:
+                        if st.link.alive:
+                            try:
+                                self._pump(st)
+                            except LINK_ERRORS as exc:
+                                self._drop(st, exc)
+            finally:
+                self._reading.release()
+
+    @staticmethod
+    def _blocked_error(st: _State, timeout: float) -> str:
+        return (f"RabbitMQ at {st.link.endpoint.label} is blocking publishers ({st.blocked}): "
+                f"a memory or disk alarm; waited {timeout:g}s (send_timeout) for it to clear. "
+                f"Free memory or disk space on the broker (rabbitmq-diagnostics alarms)")
+
+    def _forget(self, st: _State, pending: _Pending, error: str) -> None:
+        """Fail one unconfirmed send without dropping the connection (I/O lock held)."""
+        for i, (_, other) in enumerate(st.pending):
+            if other is pending:
+                del st.pending[i]
+                break
+        self._finish(st, pending, error)
+
     # -- confirmations (called by py-amqp while a thread reads under the I/O lock) -------------
     def _finish(self, st: _State, pending: _Pending, error: str | None) -> None:
         if error is None and st.returned:
@@ -292,6 +350,19 @@ class Publisher:
                     f"unroutable: no queue is bound to exchange {exchange!r} with routing key "
                     f"{routing_key!r} ({describe_error(exc)}); the next attempt declares it")
 
+        def on_blocked(reason: str) -> None:
+            st.blocked = reason or "connection.blocked"
+            LOG.warning("RabbitMQ at %s blocks publishing (%s): a memory or disk alarm; sends "
+                        "wait up to send_timeout each, then the retry policy decides",
+                        st.link.endpoint.label, st.blocked)
+
+        def on_unblocked() -> None:
+            st.blocked = None
+            LOG.warning("RabbitMQ at %s publishes again (connection.unblocked)",
+                        st.link.endpoint.label)
+
+        st.link.conn.on_blocked = on_blocked
+        st.link.conn.on_unblocked = on_unblocked
         channel.events["basic_ack"].add(on_ack)
         channel.events["basic_nack"].add(on_nack)
         channel.events["basic_return"].add(on_return)
