@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -131,19 +132,55 @@ class AMQP1Driver(Driver):
 
     # -- the contract -------------------------------------------------------------------------
     def send(self, message: OutgoingMessage, timeout: float | None = None) -> None:
-        address = self._topology.prepare_send(message.exchange, message.routing_key)
-        pending = PendingSend(address, message)
-        loop, side = self._sender()
-        loop.call(lambda: side.submit(pending), abort=pending.finish)
+        error = self.send_many([message], timeout)[0]
+        if error is not None:
+            raise error
+
+    def send_many(self, messages: Sequence[OutgoingMessage],
+                  timeout: float | None = None) -> list[BaseException | None]:
+        """Hand every message to the I/O thread at once, then wait for their dispositions:
+        they are all in flight on the connection together (pipelined)."""
+        results: list[BaseException | None] = [None] * len(messages)
+        pendings: list[tuple[int, PendingSend]] = []
+        for i, message in enumerate(messages):
+            try:
+                address = self._topology.prepare_send(message.exchange, message.routing_key)
+            except Exception as exc:
+                results[i] = exc
+            else:
+                pendings.append((i, PendingSend(address, message)))
+        if not pendings:
+            return results
+        def abort_all(reason: str | None = None) -> None:
+            for _, pending in pendings:
+                pending.finish(reason)
+
+        try:
+            loop, side = self._sender()
+
+            def submit_all() -> None:
+                for _, pending in pendings:
+                    side.submit(pending)
+
+            loop.call(submit_all, abort=abort_all)
+        except TransportUnreachable as exc:
+            for i, _ in pendings:
+                results[i] = exc
+            return results
         wait = timeout if timeout is not None else 30.0
-        if not pending.wait(wait):
-            pending.cancelled = True
-            raise TransportUnreachable(
-                f"message {message.message_id} to {address} was not confirmed by the broker "
-                f"within {wait:g}s (it may still arrive); check the broker's health and alarms")
-        if pending.error is not None:
-            raise TransportUnreachable(f"message {message.message_id} to {address}: "
-                                       f"{pending.error}")
+        deadline = time.monotonic() + wait
+        for i, pending in pendings:
+            message = messages[i]
+            if not pending.wait(max(0.0, deadline - time.monotonic())):
+                pending.cancelled = True
+                results[i] = TransportUnreachable(
+                    f"message {message.message_id} to {pending.address} was not confirmed by "
+                    f"the broker within {wait:g}s (it may still arrive); check the broker's "
+                    f"health and alarms")
+            elif pending.error is not None:
+                results[i] = TransportUnreachable(f"message {message.message_id} to "
+                                                  f"{pending.address}: {pending.error}")
+        return results
 
     def listen(self, bindings: Sequence[Binding], pool: str | None,
                prefetch: int) -> Listener:
