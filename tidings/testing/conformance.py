@@ -46,6 +46,7 @@ import pytest
 from tidings.notify.dispatcher import PRIORITIES, NotificationResult
 from tidings.notify.filter import NotificationFilter
 from tidings.notify.listener import get_batch_notification_listener, get_notification_listener
+from tidings.notify.notifier import BackgroundNotifier
 from tidings.testing.checker import DeliveryLog
 from tidings.testing.conformance_harness import (
     Harness,
@@ -668,6 +669,30 @@ class DriverConformance:
         acked = sum(int(x.stats.snapshot()["acknowledged"]) for x in listeners)
         assert acked == len(keys), f"{acked} acknowledgements for {len(keys)} messages"
         assert not over_prefetch, f"more than prefetch={prefetch} in flight: {over_prefetch[0]}"
+
+    def test_background_notifier_pipelines_and_flush_means_sent(
+            self, tidings_harness: Harness) -> None:
+        """A BackgroundNotifier's backlog goes through the driver's ``send_many`` (pipelined,
+        or the contract's one-by-one default): after ``flush()`` every notification was sent
+        (none failed), and the group receives each exactly once."""
+        h = tidings_harness
+        inbox = Inbox()
+        listener = h.listener([RecordingEndpoint(inbox)])
+        notifier = BackgroundNotifier(h._default_transport(), "conformance.host",
+                                      topics=[h.topic], retry=3, pipeline=16)
+        keys = [f"bg-{i}" for i in range(300)]
+        try:
+            for key in keys:
+                notifier.info({}, "conformance.background", {"key": key})
+            assert notifier.flush(h.timeout), f"{notifier.pending()} not sent in time"
+            stats = notifier.stats.snapshot()
+            assert stats["sent"] == len(keys) and stats["failed"] == 0, stats
+            inbox.wait_keys(keys, h.timeout)
+        finally:
+            notifier.close(h.timeout)
+            h.stop(listener)
+        got = inbox.keys()
+        assert sorted(got) == sorted(keys), f"duplicates: {len(got) - len(set(got))}"
 
     # == bad input and failures ===========================================================
     def test_malformed_message_is_rejected_and_listener_keeps_going(
