@@ -10,11 +10,16 @@ back to the head of their queue for the others.
 Every ``memory://`` transport in a process with the same virtual host shares one broker, so a
 notifier and a listener built from separate transports reach each other; use a distinct virtual
 host (``memory:///test-1``) to isolate tests.
+
+It carries encoded bytes like a real broker (so size limits, malformed bodies and signatures
+behave as there). Its one real cost is that the sending and the listening thread share the GIL:
+acks and rejects made in the polling thread are therefore applied by its next ``poll()``, under
+the broker lock that call takes anyway, because a lock both threads take once per message
+convoys them into one thread switch per message, which costs more than the broker itself.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -34,12 +39,17 @@ from tidings.transports.url import TransportURL
 __all__ = ["MemoryDriver"]
 
 
-@dataclass
 class _Record:
-    body: bytes
-    message_id: str
-    headers: dict[str, str]
-    redelivered: bool = False
+    """One copy of a message in one queue (each bound queue has its own ``redelivered``)."""
+
+    __slots__ = ("body", "headers", "message_id", "redelivered")
+
+    def __init__(self, body: bytes, message_id: str, headers: dict[str, str],
+                 redelivered: bool = False) -> None:
+        self.body = body
+        self.message_id = message_id
+        self.headers = headers  # shared by the copies; IncomingMessage copies it again
+        self.redelivered = redelivered
 
 
 @dataclass(eq=False)
@@ -56,6 +66,9 @@ class _Broker:
         self.queues: dict[tuple[str, str], _Queue] = {}
         # (exchange, routing key) -> queues bound to it
         self.bindings: dict[tuple[str, str], list[_Queue]] = {}
+        # (exchange, routing key) -> the (live) list of queues bound to it, once something was
+        # sent there and its no-pool group queue exists: a send is then one dict lookup.
+        self.routes: dict[tuple[str, str], list[_Queue]] = {}
 
     def queue(self, exchange: str, name: str) -> _Queue:
         q = self.queues.get((exchange, name))
@@ -66,23 +79,34 @@ class _Broker:
     def bind(self, queue: _Queue, exchange: str, routing_key: str) -> None:
         bound = self.bindings.setdefault((exchange, routing_key), [])
         if queue not in bound:
-            bound.append(queue)
+            bound.append(queue)  # in place: routes holds this very list
 
     def publish(self, msg: OutgoingMessage) -> None:
-        record = _Record(msg.body, msg.message_id, dict(msg.headers))
+        body, message_id = msg.body, msg.message_id
+        headers = dict(msg.headers) if msg.headers else {}
+        key = (msg.exchange, msg.routing_key)
         with self.lock:
-            # The no-pool group's queue exists from the first send, as RabbitMQ notifiers
-            # declare it: a notification sent before its listeners start waits for them.
-            group = self.queue(msg.exchange, "group:" + msg.routing_key)
-            self.bind(group, msg.exchange, msg.routing_key)
-            for q in self.bindings[(msg.exchange, msg.routing_key)]:
-                q.messages.append(record if q is group else _Record(**record.__dict__))
-                self.pump(q)
+            bound = self.routes.get(key)
+            if bound is None:
+                # The no-pool group's queue exists from the first send, as RabbitMQ notifiers
+                # declare it: a notification sent before its listeners start waits for them.
+                group = self.queue(msg.exchange, "group:" + msg.routing_key)
+                self.bind(group, msg.exchange, msg.routing_key)
+                bound = self.routes[key] = self.bindings[key]
+            for q in bound:
+                q.messages.append(_Record(body, message_id, headers))
+                if q.consumers:
+                    self.pump(q)
 
     @staticmethod
     def pump(q: _Queue) -> None:
         """Hand queued messages to members with room, round-robin. Caller holds the lock."""
         messages, consumers = q.messages, q.consumers
+        if len(consumers) == 1:  # the common case, without the round-robin arithmetic
+            member = consumers[0]
+            while messages and len(member._held) < member._prefetch:
+                member.deliver(q, messages.popleft())
+            return
         while messages and consumers:
             n = len(consumers)
             for i in range(n):
@@ -109,21 +133,19 @@ def _broker_for(vhost: str) -> _Broker:
 
 
 class _MemoryMessage(IncomingMessage):
-    __slots__ = ("_listener", "_queue", "_record", "tag")
+    __slots__ = ("_listener", "_queue", "_record")
 
-    def __init__(self, listener: _MemoryListener, queue: _Queue, record: _Record,
-                 tag: int) -> None:
+    def __init__(self, listener: _MemoryListener, queue: _Queue, record: _Record) -> None:
         super().__init__(record.body, record.message_id, record.headers, record.redelivered)
         self._listener = listener
         self._queue = queue
         self._record = record
-        self.tag = tag
 
     def _ack(self) -> None:
-        self._listener.release(self, requeue=False)
+        self._listener.settle(self)
 
     def _reject(self) -> None:
-        self._listener.release(self, requeue=False)
+        self._listener.settle(self)
 
     def _requeue(self) -> None:
         self._listener.release(self, requeue=True)
@@ -135,8 +157,12 @@ class _MemoryListener(Listener):
         self._queues = queues
         self._prefetch = prefetch
         self._ready: deque[_MemoryMessage] = deque()
-        self._held: dict[int, _MemoryMessage] = {}  # delivered and not yet settled
-        self._tags = itertools.count(1)
+        # Delivered and not yet settled, in delivery order (a dict keeps insertion order), so
+        # close() can put them back oldest first.
+        self._held: dict[_MemoryMessage, None] = {}
+        # Acks and rejects made by the polling thread, applied by its next poll() (or close()).
+        self._done: list[_MemoryMessage] = []
+        self._poller: int | None = None  # thread id of the last poll()
         self._wakeup = threading.Condition(broker.lock)
         self._closed = False
         with broker.lock:
@@ -146,15 +172,43 @@ class _MemoryListener(Listener):
                 broker.pump(q)
 
     def deliver(self, queue: _Queue, record: _Record) -> None:
-        msg = _MemoryMessage(self, queue, record, next(self._tags))
-        self._held[msg.tag] = msg
-        self._ready.append(msg)
-        self._wakeup.notify()
+        """Caller holds the broker lock."""
+        msg = _MemoryMessage(self, queue, record)
+        self._held[msg] = None
+        ready = self._ready
+        ready.append(msg)
+        if len(ready) == 1:  # poll() only waits on an empty deque: wake it once
+            self._wakeup.notify()
+
+    def settle(self, msg: _MemoryMessage) -> None:
+        """Ack or reject (the same here: the message is gone).
+
+        From the polling thread (where the core settles) this only notes the message; the next
+        poll() releases all of them under the one broker-lock acquisition it makes anyway. Taking
+        the broker lock once per message instead lets the sending and the listening thread
+        convoy on it, one GIL hand-off per message, which costs more than the whole broker.
+        From any other thread the message is released at once.
+        """
+        if threading.get_ident() == self._poller:
+            self._done.append(msg)
+        else:
+            self.release(msg, requeue=False)
+
+    def _release_done(self) -> None:
+        """Apply the acks and rejects noted by settle(). Caller holds the broker lock."""
+        done, self._done = self._done, []
+        held = self._held
+        for msg in done:
+            held.pop(msg, None)
+        for q in self._queues:  # room was made: let waiting messages in
+            if q.messages:
+                self._broker.pump(q)
 
     def release(self, msg: _MemoryMessage, requeue: bool) -> None:
         with self._broker.lock:
-            if self._held.pop(msg.tag, None) is None:
+            if msg not in self._held:
                 return
+            del self._held[msg]
             if requeue:
                 msg._record.redelivered = True
                 msg._queue.messages.appendleft(msg._record)
@@ -164,11 +218,15 @@ class _MemoryListener(Listener):
                     self._broker.pump(q)
 
     def poll(self, timeout: float) -> Sequence[IncomingMessage]:
+        self._poller = threading.get_ident()
         with self._wakeup:
-            if not self._ready and not self._closed:
+            if self._done:
+                self._release_done()
+            ready = self._ready
+            if not ready and not self._closed:
                 self._wakeup.wait(timeout)
-            out = list(self._ready)
-            self._ready.clear()
+            out = list(ready)
+            ready.clear()
             return out
 
     def close(self) -> None:
@@ -176,14 +234,18 @@ class _MemoryListener(Listener):
             if self._closed:
                 return
             self._closed = True
+            self._poller = None  # from now on settle() releases at once
             for q in self._queues:
                 if self in q.consumers:
                     q.consumers.remove(self)
+            self._done.clear()  # acked or rejected: dropped below, by their settled state
             # Unsettled messages go back to the head of their queue, oldest first.
-            for msg in sorted(self._held.values(), key=lambda m: m.tag, reverse=True):
+            for msg in reversed(self._held):
                 with msg._lock:
                     if msg._settled is None:
                         msg._settled = "requeue"
+                    elif msg._settled != "requeue":
+                        continue  # acked or rejected; its release may be on its way: gone
                 msg._record.redelivered = True
                 msg._queue.messages.appendleft(msg._record)
             self._held.clear()

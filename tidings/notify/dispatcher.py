@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from tidings.notify.filter import NotificationFilter
+from tidings.notify.serializer import NoOpSerializer
 from tidings.transports.envelope import Notification
 
 __all__ = ["PRIORITIES", "BatchNotificationDispatcher", "NotificationDispatcher",
@@ -43,8 +44,6 @@ class NotificationDispatcher:
     """
 
     def __init__(self, endpoints: Sequence[Any], serializer: Any = None) -> None:
-        from tidings.notify.serializer import NoOpSerializer
-
         if not endpoints:
             raise ValueError("a notification listener needs at least one endpoint")
         self.endpoints = list(endpoints)
@@ -69,6 +68,8 @@ class NotificationDispatcher:
 
     def prepare(self, note: Notification) -> Notification:
         """Apply the serializer to context and payload (once, before any endpoint sees it)."""
+        if type(self.serializer) is NoOpSerializer:  # the default changes nothing: skip it
+            return note
         note.ctxt = self.serializer.deserialize_context(note.ctxt)
         note.payload = self.serializer.deserialize_entity(note.ctxt, note.payload)
         return note
@@ -86,7 +87,8 @@ class NotificationDispatcher:
                         note.metadata.get("message_id"), note.priority)
             return NotificationResult.FAILED
         for rule, method, name in callbacks:
-            if not self._matches(rule, note):
+            if rule is not None and not rule.match(note.ctxt, note.publisher_id, note.event_type,
+                                                   note.metadata, note.payload):
                 continue
             try:
                 ret = method(note.ctxt, note.publisher_id, note.event_type, note.payload,

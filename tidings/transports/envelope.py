@@ -33,6 +33,45 @@ _loads = json.loads
 # gives byte-identical output to json.dumps without a second pass over a dict.
 _quote = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.encode_basestring
 _V2_HEAD = f'{{"{VERSION_KEY}": "{SUPPORTED_VERSION}", "{MESSAGE_KEY}": '
+# What decode() recognises without a general JSON parse of the envelope: our own (and
+# oslo.messaging's) exact v2 layout, up to the opening quote of the oslo.message string.
+_V2_PREFIX = _V2_HEAD + '"'
+_scanstring = json.decoder.scanstring
+# The C scanner behind json.loads, called directly: it skips loads()' per-call type checks
+# and whitespace regexes, which cost as much as the parse of a small notification.
+_scan_once = json.JSONDecoder().scan_once
+
+
+def _make_fast_dumps() -> Any:
+    """The C encoder _dumps builds on every call, built once (None without the C module).
+
+    It is made without a circular-reference table (a shared one is not thread-safe and keeps
+    stale ids after an error), so a cyclic payload surfaces as RecursionError; encode() then
+    reruns the checked encoder, which reports the cycle exactly as json.dumps does.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None or _quote is not getattr(json.encoder, "c_encode_basestring", None):
+        return None
+    try:
+        fast = make(None, str, _quote, None, ": ", ", ", False, False, True)
+        sample = {"k": ["\u00e9\n", 1.5, None, True, {"d": object}], "n": float("nan")}
+        if "".join(fast(sample, 0)) != _dumps(sample):
+            return None
+    except Exception:  # another Python's C encoder signature: keep the portable one
+        return None
+    return fast
+
+
+_fast_dumps = _make_fast_dumps()
+
+
+def _dumps_inner(message: dict[str, Any]) -> str:
+    if _fast_dumps is None:
+        return _dumps(message)
+    try:
+        return "".join(_fast_dumps(message, 0))
+    except RecursionError:
+        return _dumps(message)  # ValueError for a cycle; RecursionError if just too deep
 
 
 def pack_context(message: dict[str, Any], ctxt: dict[str, Any]) -> dict[str, Any]:
@@ -59,14 +98,14 @@ def encode(message: dict[str, Any], version: float = 2.0,
     ``oslo.message`` string (see tidings.transports.signing); v1 bodies cannot be signed.
     """
     if version >= 2.0:
-        inner = _dumps(message)
+        inner = _dumps_inner(message)
         signature = signer.sign(inner) if signer is not None else None
         tail = "}" if signature is None else f", \"{SIGNATURE_KEY}\": {_dumps(signature)}}}"
         return (_V2_HEAD + _quote(inner) + tail).encode("utf-8")
     if signer is not None and signer.active is not None:
         raise ValueError("signed notifications need the v2 envelope: use the notifier driver "
                          "'messagingv2', not 'messaging'")
-    return _dumps(message).encode("utf-8")
+    return _dumps_inner(message).encode("utf-8")
 
 
 def decode(body: bytes | str) -> dict[str, Any]:
@@ -75,7 +114,38 @@ def decode(body: bytes | str) -> dict[str, Any]:
     Accepts v1 (a bare object) and v2 envelopes; anything else (not UTF-8, not JSON, not an
     object, an envelope version other than 2.x) is malformed and must be rejected, not requeued.
     """
+    if type(body) is bytes:  # the common case, straight to the fast path
+        try:
+            fast = _decode_v2_exact(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            fast = None  # decode_envelope says why
+        if fast is not None:
+            return fast[0]
     return decode_envelope(body)[0]
+
+
+def _decode_v2_exact(text: str) -> tuple[dict[str, Any], str] | None:
+    """The common case in one pass: ``text`` is exactly ``{"oslo.version": "2.0",
+    "oslo.message": "<string>"}`` as encode() writes it, and the string holds exactly one
+    JSON object. Returns (message, inner string), or None for anything else, which the general
+    path then parses (and, if need be, rejects with the precise reason).
+
+    Equivalent to json.loads for what it accepts: the same C string scanner (strict, so control
+    characters are refused) and the same C value scanner, on input with no whitespace or
+    trailing data to skip; a duplicate key or a signature field never matches the layout.
+    """
+    if not text.startswith(_V2_PREFIX) or text[-2:] != '"}':
+        return None
+    try:
+        inner, end = _scanstring(text, len(_V2_PREFIX), True)
+        if end != len(text) - 1:
+            return None
+        message, end = _scan_once(inner, 0)
+    except (ValueError, StopIteration, RecursionError):
+        return None
+    if end != len(inner) or type(message) is not dict:
+        return None
+    return message, inner
 
 
 def decode_envelope(body: bytes | str) -> tuple[dict[str, Any], str | None, Any]:
@@ -84,7 +154,12 @@ def decode_envelope(body: bytes | str) -> tuple[dict[str, Any], str | None, Any]
     try:
         if isinstance(body, memoryview):
             body = bytes(body)
-        outer = _loads(body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body)
+        text = body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body
+        if isinstance(text, str):
+            fast = _decode_v2_exact(text)
+            if fast is not None:
+                return fast[0], fast[1], None
+        outer = _loads(text)
     except UnicodeDecodeError as exc:
         raise MalformedMessage(f"body is not valid UTF-8 ({exc.reason} at byte {exc.start})") \
             from None
@@ -125,16 +200,18 @@ class Notification:
 
     @classmethod
     def from_wire(cls, message: dict[str, Any]) -> Notification:
-        ctxt, rest = unpack_context(message)
-        priority = rest.get("priority")
+        # The fields are read from the whole message: no "_context_" key can shadow them, so
+        # only the context needs a pass over the keys (unpack_context's second dict is skipped).
+        cut = len(CONTEXT_PREFIX)
+        ctxt = {k[cut:]: v for k, v in message.items() if k[:cut] == CONTEXT_PREFIX}
+        get = message.get
+        priority = get("priority")
         if not isinstance(priority, str):
             raise MalformedMessage(f"notification has no string 'priority' "
                                    f"(got {type(priority).__name__})")
-        return cls(ctxt=ctxt, publisher_id=rest.get("publisher_id"),
-                   event_type=rest.get("event_type"), priority=priority.lower(),
-                   payload=rest.get("payload"),
-                   metadata={"message_id": rest.get("message_id"),
-                             "timestamp": rest.get("timestamp")})
+        return cls(ctxt, get("publisher_id"), get("event_type"), priority.lower(),
+                   get("payload"), {"message_id": get("message_id"),
+                                    "timestamp": get("timestamp")})
 
     def as_dict(self) -> dict[str, Any]:
         """The dict a batch endpoint receives, with oslo.messaging's keys."""
