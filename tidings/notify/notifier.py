@@ -13,18 +13,17 @@ payload that is not JSON-able) always raise: they are the caller's bug, not the 
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tidings.notify import tracing
 from tidings.notify.serializer import NoOpSerializer
+from tidings.notify.stamps import new_message_id, utc_timestamp
 from tidings.transports.base import OutgoingMessage
 from tidings.transports.errors import MessageDeliveryFailure
 from tidings.transports.retry import validate_retry
@@ -156,12 +155,15 @@ class Notifier:
         wire_priority = _WIRE_PRIORITY[priority]
         if not isinstance(event_type, str) or not event_type:
             raise ValueError(f"event_type must be a non-empty string, not {event_type!r}")
-        payload = self._serializer.serialize_entity(ctxt, payload)
-        context = _context_dict(ctxt, self._serializer)
-        msg = {"message_id": str(uuid.uuid4()), "publisher_id": self.publisher_id,
+        serializer = self._serializer
+        if type(serializer) is NoOpSerializer and type(ctxt) is dict:
+            context = dict(ctxt)  # what the default serializer gives, without its checks
+        else:
+            payload = serializer.serialize_entity(ctxt, payload)
+            context = _context_dict(ctxt, serializer)
+        msg = {"message_id": new_message_id(), "publisher_id": self.publisher_id,
                "event_type": event_type, "priority": wire_priority, "payload": payload,
-               "timestamp": str(datetime.datetime.now(datetime.timezone.utc)
-                                .replace(tzinfo=None))}
+               "timestamp": utc_timestamp()}
         return context, msg, wire_priority
 
     def _deliver(self, context: dict[str, Any], msg: dict[str, Any], wire_priority: str) -> None:

@@ -150,7 +150,7 @@ class Transport:
                             message: Mapping[str, Any],
                             version: float = 2.0) -> OutgoingMessage:
         """The message :meth:`_send_notification` would send (for :meth:`send_many`)."""
-        wire = envelope.pack_context(dict(message), dict(ctxt))
+        wire = envelope.pack_context(dict(message), ctxt)  # reads ctxt, fills the copy
         return self._outgoing(target, envelope.encode(wire, version, self.signing),
                               str(message.get("message_id") or uuid.uuid4()), None)
 
@@ -201,6 +201,15 @@ class Transport:
     def _send_outgoing(self, out: OutgoingMessage, retry: int | None,
                        failed: TransportUnreachable | None = None) -> None:
         timeout = self.options["send_timeout"]
+        if failed is None:
+            # The first attempt inline: most sends succeed, and one that does should not pay
+            # for the retry machinery (a closure and its log description per message).
+            try:
+                self._driver.send(out, timeout=timeout)
+                return
+            except TransportUnreachable as exc:
+                failed = TransportUnreachable(mask_password(str(exc)))
+                failed.__cause__ = exc
 
         def attempt() -> None:
             self._ensure_open("send")
