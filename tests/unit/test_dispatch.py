@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -46,13 +44,6 @@ class Recorder:
     def wait_for(self, n: int, timeout: float = WAIT) -> bool:
         with self.changed:
             return self.changed.wait_for(lambda: len(self.calls) >= n, timeout)
-
-
-@pytest.fixture
-def transport() -> Iterator[tidings.Transport]:
-    t = tidings.get_notification_transport(f"memory:///{uuid.uuid4().hex}")
-    yield t
-    t.cleanup()
 
 
 def _run(listener: tidings.NotificationListener) -> None:

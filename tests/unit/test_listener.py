@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import threading
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,13 +14,6 @@ from tidings.transports.base import Binding
 from tidings.transports.envelope import decode, encode, pack_context
 
 WAIT = 5.0
-
-
-@pytest.fixture
-def transport() -> Iterator[tidings.Transport]:
-    t = tidings.get_notification_transport(f"memory:///{uuid.uuid4().hex}")
-    yield t
-    t.cleanup()
 
 
 class BatchRecorder:

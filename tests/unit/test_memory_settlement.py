@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-
-import pytest
 
 import tidings
 from tidings import Target
@@ -17,13 +13,6 @@ from tidings.transports.base import Binding
 from tidings.transports.envelope import decode
 
 WAIT = 5.0
-
-
-@pytest.fixture
-def transport() -> Iterator[tidings.Transport]:
-    t = tidings.get_notification_transport(f"memory:///{uuid.uuid4().hex}")
-    yield t
-    t.cleanup()
 
 
 def _send(transport: tidings.Transport, count: int) -> None:
