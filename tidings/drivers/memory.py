@@ -42,14 +42,15 @@ __all__ = ["MemoryDriver"]
 class _Record:
     """One copy of a message in one queue (each bound queue has its own ``redelivered``)."""
 
-    __slots__ = ("body", "headers", "message_id", "redelivered")
+    __slots__ = ("body", "headers", "message_id", "queue", "redelivered")
 
     def __init__(self, body: bytes, message_id: str, headers: dict[str, str],
-                 redelivered: bool = False) -> None:
+                 queue: _Queue) -> None:
         self.body = body
         self.message_id = message_id
         self.headers = headers  # shared by the copies; IncomingMessage copies it again
-        self.redelivered = redelivered
+        self.queue = queue
+        self.redelivered = False
 
 
 @dataclass(eq=False)
@@ -94,7 +95,7 @@ class _Broker:
                 self.bind(group, msg.exchange, msg.routing_key)
                 bound = self.routes[key] = self.bindings[key]
             for q in bound:
-                q.messages.append(_Record(body, message_id, headers))
+                q.messages.append(_Record(body, message_id, headers, q))
                 if q.consumers:
                     self.pump(q)
 
@@ -105,7 +106,7 @@ class _Broker:
         if len(consumers) == 1:  # the common case, without the round-robin arithmetic
             member = consumers[0]
             while messages and len(member._held) < member._prefetch:
-                member.deliver(q, messages.popleft())
+                member.deliver(messages.popleft())
             return
         while messages and consumers:
             n = len(consumers)
@@ -114,7 +115,7 @@ class _Broker:
                 member = consumers[idx]
                 if len(member._held) < member._prefetch:
                     q.next_consumer = (idx + 1) % n
-                    member.deliver(q, messages.popleft())
+                    member.deliver(messages.popleft())
                     break
             else:
                 return
@@ -133,12 +134,11 @@ def _broker_for(vhost: str) -> _Broker:
 
 
 class _MemoryMessage(IncomingMessage):
-    __slots__ = ("_listener", "_queue", "_record")
+    __slots__ = ("_listener", "_record")
 
-    def __init__(self, listener: _MemoryListener, queue: _Queue, record: _Record) -> None:
+    def __init__(self, listener: _MemoryListener, record: _Record) -> None:
         super().__init__(record.body, record.message_id, record.headers, record.redelivered)
         self._listener = listener
-        self._queue = queue
         self._record = record
 
     def _ack(self) -> None:
@@ -156,10 +156,16 @@ class _MemoryListener(Listener):
         self._broker = broker
         self._queues = queues
         self._prefetch = prefetch
-        self._ready: deque[_MemoryMessage] = deque()
+        # Delivered records not yet polled. Only records move under the broker lock; poll()
+        # wraps them into messages after letting go of it, so the lock is held for a few list
+        # operations per message and the sending thread rarely finds it taken. (Each time it
+        # does, the two threads trade the GIL and then wait for each other, several context
+        # switches each time; runs of the memory:// benchmark with many of them were a third
+        # slower.)
+        self._ready: deque[_Record] = deque()
         # Delivered and not yet settled, in delivery order (a dict keeps insertion order), so
-        # close() can put them back oldest first.
-        self._held: dict[_MemoryMessage, None] = {}
+        # close() can put them back oldest first; the value is the message once poll() made it.
+        self._held: dict[_Record, _MemoryMessage | None] = {}
         # Acks and rejects made by the polling thread, applied by its next poll() (or close()).
         self._done: list[_MemoryMessage] = []
         self._poller: int | None = None  # thread id of the last poll()
@@ -171,12 +177,11 @@ class _MemoryListener(Listener):
             for q in queues:
                 broker.pump(q)
 
-    def deliver(self, queue: _Queue, record: _Record) -> None:
+    def deliver(self, record: _Record) -> None:
         """Caller holds the broker lock."""
-        msg = _MemoryMessage(self, queue, record)
-        self._held[msg] = None
+        self._held[record] = None
         ready = self._ready
-        ready.append(msg)
+        ready.append(record)
         if len(ready) == 1:  # poll() only waits on an empty deque: wake it once
             self._wakeup.notify()
 
@@ -199,20 +204,21 @@ class _MemoryListener(Listener):
         done, self._done = self._done, []
         held = self._held
         for msg in done:
-            held.pop(msg, None)
+            held.pop(msg._record, None)
         for q in self._queues:  # room was made: let waiting messages in
             if q.messages:
                 self._broker.pump(q)
 
     def release(self, msg: _MemoryMessage, requeue: bool) -> None:
+        record = msg._record
         with self._broker.lock:
-            if msg not in self._held:
+            if record not in self._held:
                 return
-            del self._held[msg]
+            del self._held[record]
             if requeue:
-                msg._record.redelivered = True
-                msg._queue.messages.appendleft(msg._record)
-                self._broker.pump(msg._queue)
+                record.redelivered = True
+                record.queue.messages.appendleft(record)
+                self._broker.pump(record.queue)
             for q in self._queues:  # room was made: let waiting messages in
                 if q.messages:
                     self._broker.pump(q)
@@ -225,9 +231,20 @@ class _MemoryListener(Listener):
             ready = self._ready
             if not ready and not self._closed:
                 self._wakeup.wait(timeout)
-            out = list(ready)
+            records = list(ready)
             ready.clear()
-            return out
+        if not records:
+            return []
+        out = [_MemoryMessage(self, record) for record in records]
+        with self._broker.lock:
+            if self._closed:  # close() came in between and put the records back: hand out none
+                for msg in out:
+                    msg._settled = "requeue"
+                return []
+            held = self._held
+            for msg in out:
+                held[msg._record] = msg
+        return out
 
     def close(self) -> None:
         with self._broker.lock:
@@ -239,15 +256,17 @@ class _MemoryListener(Listener):
                 if self in q.consumers:
                     q.consumers.remove(self)
             self._done.clear()  # acked or rejected: dropped below, by their settled state
-            # Unsettled messages go back to the head of their queue, oldest first.
-            for msg in reversed(self._held):
-                with msg._lock:
-                    if msg._settled is None:
-                        msg._settled = "requeue"
-                    elif msg._settled != "requeue":
-                        continue  # acked or rejected; its release may be on its way: gone
-                msg._record.redelivered = True
-                msg._queue.messages.appendleft(msg._record)
+            # Unsettled messages go back to the head of their queue, oldest first (records not
+            # polled yet have no message: they go back as they are).
+            for record, msg in reversed(self._held.items()):
+                if msg is not None:
+                    with msg._lock:
+                        if msg._settled is None:
+                            msg._settled = "requeue"
+                        elif msg._settled != "requeue":
+                            continue  # acked or rejected; its release may be on its way: gone
+                record.redelivered = True
+                record.queue.messages.appendleft(record)
             self._held.clear()
             self._ready.clear()
             for q in self._queues:

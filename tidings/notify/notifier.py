@@ -48,9 +48,9 @@ SendFn = Callable[["Notifier", dict[str, Any], dict[str, Any], str], None]
 def _send_messaging(version: float) -> SendFn:
     def send(notifier: Notifier, ctxt: dict[str, Any], msg: dict[str, Any],
              priority: str) -> None:
+        send_notification = notifier.transport._send_notification
         for target in notifier._targets(priority):
-            notifier.transport._send_notification(target, ctxt, msg, version=version,
-                                                  retry=notifier.retry)
+            send_notification(target, ctxt, msg, version, notifier.retry)
     return send
 
 

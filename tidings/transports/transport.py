@@ -143,7 +143,8 @@ class Transport:
                            message: Mapping[str, Any], version: float = 2.0,
                            retry: int | None = None) -> None:
         """Send one notification (oslo.messaging's name): pack ctxt, encode, send with retry."""
-        self._ensure_open("send")
+        if self._closed.is_set():
+            self._ensure_open("send")  # raises, saying what to do
         self._send_outgoing(self.encode_notification(target, ctxt, message, version), retry)
 
     def encode_notification(self, target: Target, ctxt: Mapping[str, Any],
@@ -194,9 +195,8 @@ class Transport:
             raise MessageTooLarge(
                 f"message {message_id} is {len(body)} bytes, over max_message_size={limit}; "
                 f"send a smaller payload or raise the URL option max_message_size")
-        return OutgoingMessage(exchange=target.exchange or self.default_exchange,
-                               routing_key=target.topic, body=body, message_id=message_id,
-                               headers=dict(headers) if headers else {})
+        return OutgoingMessage(target.exchange or self.default_exchange, target.topic, body,
+                               message_id, headers=dict(headers) if headers else {})
 
     def _send_outgoing(self, out: OutgoingMessage, retry: int | None,
                        failed: TransportUnreachable | None = None) -> None:
