@@ -1,10 +1,10 @@
 """amqp:// (AMQP 1.0) under the same faults as rabbit://, with figures: a broker restart in the
 middle of 10,000 durable, confirmed notifications, the retry rules while connections are refused,
-a stream through repeated resets; and TLS against the package's private node (a CA made by the
-test, hostname verification on by default), on both of the driver's connections (the AMQP 0-9-1
-one that declares queues, the AMQP 1.0 ones), with client certificates on a second node that
-requires them.
-
+a stream through repeated resets, a pool member SIGKILLed while it holds its window, a slow
+consumer over a 20,000 backlog (memory bounded by link credit); and TLS against the package's
+private node (a CA made by the test, hostname verification on by default), on both of the
+driver's connections (the AMQP 0-9-1 one that declares queues, the AMQP 1.0 ones), with client
+certificates on a second node that requires them.
 tests/functional/test_amqp1_restart.py restarts a node under a smaller stream and
 tests/functional/test_amqp1.py cuts single connections; these add the scale and the figures.
 Single-threaded confirmed sends over AMQP 1.0 run at about 130/s on the 2-core machine, so the
@@ -33,7 +33,14 @@ from tidings.testing.checker import DeliveryLog
 from tidings.testing.rabbitnode import RabbitNode
 from tidings.transports.base import Binding, OutgoingMessage
 
-from .scenarios import Driver, broker_restart, refused_retry_rules, repeated_resets
+from .scenarios import (
+    Driver,
+    broker_restart,
+    pool_member_sigkilled,
+    refused_retry_rules,
+    repeated_resets,
+    slow_consumer_backlog,
+)
 from .support import WAIT, Recorder, SendStream, started, uid
 
 pytestmark = pytest.mark.slow
@@ -55,6 +62,16 @@ def test_amqp1_retry_rules_hold_while_the_connection_is_refused(
 def test_amqp1_stream_through_repeated_connection_resets(
         node: RabbitNode, vhost: str, figures: Figures) -> None:
     repeated_resets(node, vhost, AMQP1, figures, n=2000, threads=8, prefetch=32, cuts=3)
+
+
+def test_amqp1_pool_member_sigkilled_while_holding_messages(
+        node: RabbitNode, vhost: str, figures: Figures) -> None:
+    pool_member_sigkilled(node, vhost, AMQP1, figures)
+
+
+def test_amqp1_slow_consumer_large_backlog_memory_bounded_by_prefetch(
+        node: RabbitNode, vhost: str, figures: Figures) -> None:
+    slow_consumer_backlog(node, vhost, AMQP1, figures)
 
 
 def _round_trip(node: RabbitNode, host: str, query: str) -> None:
