@@ -5,6 +5,7 @@ consumer over a 20,000 backlog (memory bounded by link credit); and TLS against 
 private node (a CA made by the test, hostname verification on by default), on both of the
 driver's connections (the AMQP 0-9-1 one that declares queues, the AMQP 1.0 ones), with client
 certificates on a second node that requires them.
+
 tests/functional/test_amqp1_restart.py restarts a node under a smaller stream and
 tests/functional/test_amqp1.py cuts single connections; these add the scale and the figures.
 Single-threaded confirmed sends over AMQP 1.0 run at about 130/s on the 2-core machine, so the
