@@ -566,6 +566,43 @@ def test_listener_reconnects_after_the_connection_is_cut(make: Callable[..., Tra
         wait_until(lambda: queue_depth(vhost, rk) == 0, what="an empty queue")
 
 
+def test_a_hung_connection_is_noticed_by_the_idle_timeout(
+        make: Callable[..., Transport], caplog: pytest.LogCaptureFixture) -> None:
+    """No RST, no FIN: bytes just stop. With heartbeat=1 (the AMQP 1.0 idle timeout) the
+    listener notices within seconds, and once the network is back it reconnects and resumes."""
+    with FaultProxy(("127.0.0.1", 5672)) as proxy:
+        via_proxy = make("heartbeat=1&connect_timeout=2&reconnect_interval=0.1"
+                         "&reconnect_max_interval=0.5", port=proxy.port)
+        direct = make()
+        ex, topic = f"ex-{uid()}", f"hung-{uid()}"
+        inbox: queue.Queue[tuple[str, str]] = queue.Queue()
+        listener = tidings.get_notification_listener(via_proxy, [Target(topic, ex)],
+                                                     [Collector(inbox, "l")])
+        notifier = tidings.Notifier(direct, "p", topics=[topic], exchange=ex,
+                                    raise_on_failure=True)
+        listener.start()
+        try:
+            notifier.info({}, "x", {"key": "before"})
+            assert drain(inbox, 1) == [("l", "before")]
+            with caplog.at_level("WARNING", logger="tidings.drivers.amqp1.receiving"):
+                proxy.stall()
+                wait_until(lambda: "lost its connection" in caplog.text,
+                           what="the listener to notice the hung connection", timeout=10)
+                proxy.cut()  # what a timed-out TCP stack would do eventually
+                proxy.resume()
+            notifier.info({}, "x", {"key": "after"})
+            got = drain(inbox, 1)
+            if got == [("l", "before")]:
+                # Its acknowledgement went out on the hung connection and never arrived, so the
+                # broker redelivers it (at least once); nothing sent afterwards may repeat.
+                got = drain(inbox, 1)
+            assert got == [("l", "after")], got
+            assert nothing_more_from(inbox) == []
+        finally:
+            listener.stop()
+            assert listener.wait(WAIT)
+
+
 def test_sender_recovers_after_the_connection_is_cut(make: Callable[..., Transport]) -> None:
     with FaultProxy(("127.0.0.1", 5672)) as proxy:
         t = make(port=proxy.port)
