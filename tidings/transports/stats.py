@@ -24,6 +24,12 @@ class _Latency:
         if seconds > self.max:
             self.max = seconds
 
+    def add_many(self, count: int, total: float, longest: float) -> None:
+        self.count += count
+        self.total += total
+        if longest > self.max:
+            self.max = longest
+
     def as_dict(self) -> dict[str, float]:
         mean = self.total / self.count if self.count else 0.0
         return {"count": self.count, "mean_s": mean, "max_s": self.max}
@@ -58,11 +64,7 @@ class ConsumerStats:
         if not count and not acked:
             return
         with self._lock:
-            lat = self._latency
-            lat.count += count
-            lat.total += total
-            if longest > lat.max:
-                lat.max = longest
+            self._latency.add_many(count, total, longest)
             self._settled["ack"] += acked
 
     def snapshot(self) -> dict[str, object]:
@@ -88,11 +90,7 @@ class PublisherStats:
     def sent(self, seconds: float) -> None:
         with self._lock:
             self._sent += 1
-            lat = self._latency  # _Latency.add inlined: this runs once per notification
-            lat.count += 1
-            lat.total += seconds
-            if seconds > lat.max:
-                lat.max = seconds
+            self._latency.add(seconds)
 
     def failed(self) -> None:
         with self._lock:

@@ -143,8 +143,7 @@ class Transport:
                            message: Mapping[str, Any], version: float = 2.0,
                            retry: int | None = None) -> None:
         """Send one notification (oslo.messaging's name): pack ctxt, encode, send with retry."""
-        if self._closed.is_set():
-            self._ensure_open("send")  # raises, saying what to do
+        self._ensure_open("send")
         self._send_outgoing(self.encode_notification(target, ctxt, message, version), retry)
 
     def encode_notification(self, target: Target, ctxt: Mapping[str, Any],
