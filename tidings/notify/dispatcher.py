@@ -87,8 +87,7 @@ class NotificationDispatcher:
                         note.metadata.get("message_id"), note.priority)
             return NotificationResult.FAILED
         for rule, method, name in callbacks:
-            if rule is not None and not rule.match(note.ctxt, note.publisher_id, note.event_type,
-                                                   note.metadata, note.payload):
+            if rule is not None and not self._matches(rule, note):  # no call without a rule
                 continue
             try:
                 ret = method(note.ctxt, note.publisher_id, note.event_type, note.payload,

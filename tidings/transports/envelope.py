@@ -20,8 +20,8 @@ from typing import Any
 from tidings.transports.errors import MalformedMessage
 from tidings.transports.signing import SIGNATURE_KEY, SigningKeys
 
-__all__ = ["CONTEXT_PREFIX", "Notification", "decode", "decode_envelope", "encode", "pack_context",
-           "unpack_context"]
+__all__ = ["CONTEXT_PREFIX", "Notification", "context_of", "decode", "decode_envelope", "encode",
+           "pack_context", "unpack_context"]
 
 CONTEXT_PREFIX = "_context_"
 VERSION_KEY = "oslo.version"
@@ -81,12 +81,18 @@ def pack_context(message: dict[str, Any], ctxt: dict[str, Any]) -> dict[str, Any
     return message
 
 
+def context_of(message: dict[str, Any]) -> dict[str, Any]:
+    """The ``_context_<key>`` entries of a wire message, as a context dict."""
+    cut = len(CONTEXT_PREFIX)
+    return {k[cut:]: v for k, v in message.items() if k[:cut] == CONTEXT_PREFIX}
+
+
 def unpack_context(message: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a wire message into (context, message without the ``_context_`` entries)."""
-    cut = len(CONTEXT_PREFIX)
-    ctxt = {k[cut:]: v for k, v in message.items() if k[:cut] == CONTEXT_PREFIX}
+    ctxt = context_of(message)
     if not ctxt:
         return ctxt, message
+    cut = len(CONTEXT_PREFIX)
     return ctxt, {k: v for k, v in message.items() if k[:cut] != CONTEXT_PREFIX}
 
 
@@ -202,8 +208,7 @@ class Notification:
     def from_wire(cls, message: dict[str, Any]) -> Notification:
         # The fields are read from the whole message: no "_context_" key can shadow them, so
         # only the context needs a pass over the keys (unpack_context's second dict is skipped).
-        cut = len(CONTEXT_PREFIX)
-        ctxt = {k[cut:]: v for k, v in message.items() if k[:cut] == CONTEXT_PREFIX}
+        ctxt = context_of(message)
         get = message.get
         priority = get("priority")
         if not isinstance(priority, str):
