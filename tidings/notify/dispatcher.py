@@ -48,6 +48,9 @@ class NotificationDispatcher:
             raise ValueError("a notification listener needs at least one endpoint")
         self.endpoints = list(endpoints)
         self.serializer = serializer or NoOpSerializer()
+        #: True when prepare() would change nothing (the default serializer), so the listener
+        #: skips calling it.
+        self.plain = type(self.serializer) is NoOpSerializer
         self._callbacks: dict[str, list[Callback]] = {}
         for endpoint, prio in itertools.product(self.endpoints, PRIORITIES):
             method = getattr(endpoint, prio, None)
@@ -68,7 +71,7 @@ class NotificationDispatcher:
 
     def prepare(self, note: Notification) -> Notification:
         """Apply the serializer to context and payload (once, before any endpoint sees it)."""
-        if type(self.serializer) is NoOpSerializer:  # the default changes nothing: skip it
+        if self.plain:  # the default changes nothing: skip it
             return note
         note.ctxt = self.serializer.deserialize_context(note.ctxt)
         note.payload = self.serializer.deserialize_entity(note.ctxt, note.payload)

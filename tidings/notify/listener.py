@@ -82,12 +82,20 @@ class NotificationListener:
 
     # -- turning messages into outcomes --------------------------------------------------
     def _decode(self, msg: IncomingMessage) -> Notification | None:
+        """The notification in ``msg`` with the serializer applied, or None once ``msg`` was
+        rejected (logged with its id) because it is not one."""
         try:
             note = Notification.from_wire(self.transport.decode(msg))
         except MalformedMessage as exc:
-            LOG.error("rejecting malformed message %s: %s", msg.message_id or "(no id)", exc)
-            self._settle(msg, "reject")
+            self._reject_malformed(msg, exc)
             return None
+        return self._prepare(msg, note)
+
+    def _reject_malformed(self, msg: IncomingMessage, exc: MalformedMessage) -> None:
+        LOG.error("rejecting malformed message %s: %s", msg.message_id or "(no id)", exc)
+        self._settle(msg, "reject")
+
+    def _prepare(self, msg: IncomingMessage, note: Notification) -> Notification | None:
         try:
             return self.dispatcher.prepare(note)
         except Exception:
@@ -115,16 +123,28 @@ class NotificationListener:
     def _handle(self, messages: list[IncomingMessage]) -> None:
         # One pass per poll's worth of messages: the tracing check and the statistics lock are
         # taken once for the lot, and the common outcome (handled -> ack) skips _finish().
+        # _decode() is inlined: two calls fewer per message, and none into a serializer that
+        # would change nothing.
         dispatch = self.dispatcher.dispatch
+        decode = self.transport.decode
+        from_wire = Notification.from_wire
+        plain = self.dispatcher.plain
         clock = time.perf_counter
         traced = tracing.active()
         count = acked = 0
         total = longest = 0.0
         try:
             for msg in messages:
-                note = self._decode(msg)
-                if note is None:
+                try:
+                    note = from_wire(decode(msg))
+                except MalformedMessage as exc:
+                    self._reject_malformed(msg, exc)
                     continue
+                if not plain:
+                    prepared = self._prepare(msg, note)
+                    if prepared is None:
+                        continue
+                    note = prepared
                 began = clock()
                 if traced:
                     with tracing.process_span(note.ctxt, note.event_type,

@@ -48,9 +48,8 @@ SendFn = Callable[["Notifier", dict[str, Any], dict[str, Any], str], None]
 def _send_messaging(version: float) -> SendFn:
     def send(notifier: Notifier, ctxt: dict[str, Any], msg: dict[str, Any],
              priority: str) -> None:
-        send_notification = notifier.transport._send_notification
-        for target in notifier._targets(priority):
-            send_notification(target, ctxt, msg, version, notifier.retry)
+        notifier.transport._send_notifications(notifier._targets(priority), ctxt, msg, version,
+                                               notifier.retry)
     return send
 
 

@@ -143,16 +143,48 @@ class Transport:
                            message: Mapping[str, Any], version: float = 2.0,
                            retry: int | None = None) -> None:
         """Send one notification (oslo.messaging's name): pack ctxt, encode, send with retry."""
+        self._send_notifications((target,), ctxt, message, version, retry)
+
+    def _send_notifications(self, targets: Sequence[Target], ctxt: Mapping[str, Any],
+                            message: Mapping[str, Any], version: float = 2.0,
+                            retry: int | None = None) -> None:
+        """Send one notification to every target in turn, each under the retry policy.
+
+        Packed and encoded once: every target carries the same bytes. A target whose send
+        fails for good raises MessageDeliveryFailure and the later ones are not tried.
+        """
         self._ensure_open("send")
-        self._send_outgoing(self.encode_notification(target, ctxt, message, version), retry)
+        body, message_id = self._encode(ctxt, message, version)
+        for target in targets:
+            self._send_outgoing(OutgoingMessage(target.exchange or self.default_exchange,
+                                                target.topic, body, message_id), retry)
+
+    def _encode(self, ctxt: Mapping[str, Any], message: Mapping[str, Any],
+                version: float) -> tuple[bytes, str]:
+        """The body and message id of a notification, its size checked."""
+        message_id = str(message.get("message_id") or uuid.uuid4())
+        if type(message) is dict and type(ctxt) is dict:
+            body = envelope.encode_with_context(message, ctxt, version, self.signing)
+        else:
+            body = envelope.encode(envelope.pack_context(dict(message), ctxt), version,
+                                   self.signing)
+        self._check_size(body, message_id)
+        return body, message_id
+
+    def _check_size(self, body: bytes, message_id: str) -> None:
+        limit = self.options["max_message_size"]
+        if len(body) > limit:
+            raise MessageTooLarge(
+                f"message {message_id} is {len(body)} bytes, over max_message_size={limit}; "
+                f"send a smaller payload or raise the URL option max_message_size")
 
     def encode_notification(self, target: Target, ctxt: Mapping[str, Any],
                             message: Mapping[str, Any],
                             version: float = 2.0) -> OutgoingMessage:
         """The message :meth:`_send_notification` would send (for :meth:`send_many`)."""
-        wire = envelope.pack_context(dict(message), ctxt)  # reads ctxt, fills the copy
-        return self._outgoing(target, envelope.encode(wire, version, self.signing),
-                              str(message.get("message_id") or uuid.uuid4()), None)
+        body, message_id = self._encode(ctxt, message, version)
+        return OutgoingMessage(target.exchange or self.default_exchange, target.topic, body,
+                               message_id)
 
     def send_raw(self, target: Target, body: bytes, *, message_id: str,
                  retry: int | None = None, headers: Mapping[str, str] | None = None) -> None:
@@ -189,11 +221,7 @@ class Transport:
 
     def _outgoing(self, target: Target, body: bytes, message_id: str,
                   headers: Mapping[str, str] | None) -> OutgoingMessage:
-        limit = self.options["max_message_size"]
-        if len(body) > limit:
-            raise MessageTooLarge(
-                f"message {message_id} is {len(body)} bytes, over max_message_size={limit}; "
-                f"send a smaller payload or raise the URL option max_message_size")
+        self._check_size(body, message_id)
         return OutgoingMessage(target.exchange or self.default_exchange, target.topic, body,
                                message_id, headers=dict(headers) if headers else {})
 

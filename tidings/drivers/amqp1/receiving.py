@@ -605,6 +605,4 @@ class AMQP1Listener(Listener):
                             "within %.1fs", ", ".join(side.addresses), self._connect_timeout)
         # What was handed out and not settled went back to the queue with the connection.
         for msg in held:
-            with msg._lock:
-                if msg._settled is None:
-                    msg._settled = "requeue"
+            msg._claim_for_return()

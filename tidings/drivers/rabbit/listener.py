@@ -426,9 +426,7 @@ class RabbitListener(Listener):
                     # Closing the channel hands every unacknowledged message back.
                     link.close()
             for msg in self._held.values():
-                with msg._lock:
-                    if msg._settled is None:
-                        msg._settled = "requeue"
+                msg._claim_for_return()
             self._generation += 1
             self._held.clear()
             self._ready.clear()

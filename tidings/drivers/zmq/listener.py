@@ -239,9 +239,7 @@ class ZmqListener(Listener):
             self._drain()
             back: dict[bytes, list[int]] = {}
             for msg in sorted(self._held.values(), key=lambda m: m.seq):
-                with msg._lock:
-                    if msg._settled is None:
-                        msg._settled = "requeue"
+                msg._claim_for_return()
                 back.setdefault(msg.sender, []).append(msg.seq)
             for msg in self._buffer:
                 back.setdefault(msg.sender, []).append(msg.seq)
