@@ -43,24 +43,9 @@ __all__ = ["MemoryDriver"]
 # of bytes, str, bool and None is untracked by Python's cyclic GC after its first young
 # collection, so a backlog of any length is never promoted and never rescanned; a backlog of
 # objects made every full collection traverse it (30-60 ms for 20,000 waiting messages, a tenth
-# of a memory:// benchmark round). Only delivered messages (at most prefetch per member) get a
-# _Record.
+# of a memory:// benchmark round). Only delivered messages (at most prefetch per member) are
+# objects.
 _Waiting = tuple[bytes, str, "dict[str, str] | None", bool]
-
-
-class _Record:
-    """One copy of a message delivered to one member (each bound queue has its own copy)."""
-
-    __slots__ = ("body", "headers", "message_id", "queue", "redelivered")
-
-    def __init__(self, waiting: _Waiting, queue: _Queue) -> None:
-        # headers (None when empty) are shared by the copies; IncomingMessage copies them again
-        self.body, self.message_id, self.headers, self.redelivered = waiting
-        self.queue = queue
-
-    def waiting(self) -> _Waiting:
-        """This copy as it goes back to the head of its queue: marked redelivered."""
-        return (self.body, self.message_id, self.headers, True)
 
 
 @dataclass(eq=False)
@@ -115,7 +100,7 @@ class _Broker:
         if len(consumers) == 1:  # the common case, without the round-robin arithmetic
             member = consumers[0]
             while messages and len(member._held) < member._prefetch:
-                member.deliver(_Record(messages.popleft(), q))
+                member.deliver(_MemoryMessage(member, q, messages.popleft()))
             return
         while messages and consumers:
             n = len(consumers)
@@ -124,7 +109,7 @@ class _Broker:
                 member = consumers[idx]
                 if len(member._held) < member._prefetch:
                     q.next_consumer = (idx + 1) % n
-                    member.deliver(_Record(messages.popleft(), q))
+                    member.deliver(_MemoryMessage(member, q, messages.popleft()))
                     break
             else:
                 return
@@ -143,12 +128,27 @@ def _broker_for(vhost: str) -> _Broker:
 
 
 class _MemoryMessage(IncomingMessage):
-    __slots__ = ("_listener", "_record")
+    """One copy of a message delivered to one member (each bound queue has its own copy).
 
-    def __init__(self, listener: _MemoryListener, record: _Record) -> None:
-        super().__init__(record.body, record.message_id, record.headers, record.redelivered)
+    Made at delivery, under the broker lock, so poll() only hands over what is ready. The fields
+    of IncomingMessage are set here directly rather than through its __init__: it is made once
+    per message, and the call cost as much as the rest of it.
+    """
+
+    __slots__ = ("_listener", "_queue", "_waiting")
+
+    def __init__(self, listener: _MemoryListener, queue: _Queue, waiting: _Waiting) -> None:
+        self.body, self.message_id, headers, self.redelivered = waiting
+        self.headers = dict(headers) if headers else {}
+        self._settled = None
         self._listener = listener
-        self._record = record
+        self._queue = queue
+        self._waiting = waiting
+
+    def waiting(self) -> _Waiting:
+        """This copy as it goes back to the head of its queue: marked redelivered."""
+        body, message_id, headers, _ = self._waiting
+        return (body, message_id, headers, True)
 
     def _ack(self) -> None:
         self._listener.settle(self)
@@ -165,16 +165,13 @@ class _MemoryListener(Listener):
         self._broker = broker
         self._queues = queues
         self._prefetch = prefetch
-        # Delivered records not yet polled. Only records move under the broker lock; poll()
-        # wraps them into messages after letting go of it, so the lock is held for a few list
-        # operations per message and the sending thread rarely finds it taken. (Each time it
-        # does, the two threads trade the GIL and then wait for each other, several context
-        # switches each time; runs of the memory:// benchmark with many of them were a third
-        # slower.)
-        self._ready: deque[_Record] = deque()
+        # Delivered and not yet polled. The broker lock is held for a few list operations per
+        # message: each time the sending thread finds it taken, the two threads trade the GIL
+        # and then wait for each other, several context switches each time.
+        self._ready: deque[_MemoryMessage] = deque()
         # Delivered and not yet settled, in delivery order (a dict keeps insertion order), so
-        # close() can put them back oldest first; the value is the message once poll() made it.
-        self._held: dict[_Record, _MemoryMessage | None] = {}
+        # close() can put them back oldest first.
+        self._held: dict[_MemoryMessage, None] = {}
         # Acks and rejects made by the polling thread, applied by its next poll() (or close()).
         self._done: list[_MemoryMessage] = []
         self._poller: int | None = None  # thread id of the last poll()
@@ -186,11 +183,11 @@ class _MemoryListener(Listener):
             for q in queues:
                 broker.pump(q)
 
-    def deliver(self, record: _Record) -> None:
+    def deliver(self, msg: _MemoryMessage) -> None:
         """Caller holds the broker lock."""
-        self._held[record] = None
+        self._held[msg] = None
         ready = self._ready
-        ready.append(record)
+        ready.append(msg)
         if len(ready) == 1:  # poll() only waits on an empty deque: wake it once
             self._wakeup.notify()
 
@@ -213,20 +210,19 @@ class _MemoryListener(Listener):
         done, self._done = self._done, []
         held = self._held
         for msg in done:
-            held.pop(msg._record, None)
+            held.pop(msg, None)
         for q in self._queues:  # room was made: let waiting messages in
             if q.messages:
                 self._broker.pump(q)
 
     def release(self, msg: _MemoryMessage, requeue: bool) -> None:
-        record = msg._record
         with self._broker.lock:
-            if record not in self._held:
+            if msg not in self._held:
                 return
-            del self._held[record]
+            del self._held[msg]
             if requeue:
-                record.queue.messages.appendleft(record.waiting())
-                self._broker.pump(record.queue)
+                msg._queue.messages.appendleft(msg.waiting())
+                self._broker.pump(msg._queue)
             for q in self._queues:  # room was made: let waiting messages in
                 if q.messages:
                     self._broker.pump(q)
@@ -239,19 +235,9 @@ class _MemoryListener(Listener):
             ready = self._ready
             if not ready and not self._closed:
                 self._wakeup.wait(timeout)
-            records = list(ready)
+            out = list(ready)
             ready.clear()
-        if not records:
-            return []
-        out = [_MemoryMessage(self, record) for record in records]
-        with self._broker.lock:
-            if self._closed:  # close() came in between and put the records back: hand out none
-                for msg in out:
-                    msg._settled = "requeue"
-                return []
-            held = self._held
-            for msg in out:
-                held[msg._record] = msg
+        # A close() from now on hands these back too: their settlement is then a no-op.
         return out
 
     def close(self) -> None:
@@ -264,12 +250,10 @@ class _MemoryListener(Listener):
                 if self in q.consumers:
                     q.consumers.remove(self)
             self._done.clear()  # acked or rejected: dropped below, by their settled state
-            # Unsettled messages go back to the head of their queue, oldest first (records not
-            # polled yet have no message: they go back as they are).
-            for record, msg in reversed(self._held.items()):
-                if msg is not None and msg._claim_for_return() != "requeue":
-                    continue  # acked or rejected; its release may be on its way: gone
-                record.queue.messages.appendleft(record.waiting())
+            # Unsettled messages (polled or not) go back to the head of their queue, oldest first.
+            for msg in reversed(self._held):
+                if msg._claim_for_return() == "requeue":  # not acked or rejected first: back
+                    msg._queue.messages.appendleft(msg.waiting())
             self._held.clear()
             self._ready.clear()
             for q in self._queues:
