@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -259,3 +260,31 @@ def test_log_and_noop_notifier_drivers(transport: tidings.Transport,
     noop.info({}, "e", {})
     with pytest.raises(ValueError, match="unknown notifier driver"):
         tidings.Notifier(transport, driver="kafka")
+
+
+def test_a_notifier_with_several_topics_sends_each_the_same_notification(
+        transport: tidings.Transport) -> None:
+    from tidings.transports.base import Binding
+
+    listeners = {t: transport.listen([Binding("openstack", f"{t}.info")]) for t in ("a", "b")}
+    notifier = tidings.Notifier(transport, "p", topics=["a", "b"])
+    notifier.info({"user": "u1"}, "e.x", {"k": [1, "é"]})
+
+    class Ctx:  # not a dict: the general encoding path
+        def to_dict(self) -> dict[str, Any]:
+            return {"user": "u2"}
+
+    notifier.info(Ctx(), "e.y", {"k": 2})
+    got = {t: [] for t in listeners}
+    for topic, lst in listeners.items():
+        deadline = time.monotonic() + WAIT
+        while len(got[topic]) < 2 and time.monotonic() < deadline:
+            got[topic].extend(lst.poll(0.1))
+        assert len(got[topic]) == 2, topic
+    assert [m.body for m in got["a"]] == [m.body for m in got["b"]]  # one encoding, both topics
+    first = transport.decode(got["a"][0])
+    assert (first["event_type"], first["payload"], first["_context_user"]) == \
+        ("e.x", {"k": [1, "é"]}, "u1")
+    assert transport.decode(got["b"][1])["_context_user"] == "u2"
+    for lst in listeners.values():
+        lst.close()
