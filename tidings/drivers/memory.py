@@ -132,7 +132,8 @@ class _MemoryMessage(IncomingMessage):
 
     Made at delivery, under the broker lock, so poll() only hands over what is ready. The fields
     of IncomingMessage are set here directly rather than through its __init__: it is made once
-    per message, and the call cost as much as the rest of it.
+    per message, and the call cost as much as the rest of it. (A field added to IncomingMessage
+    must be set here too.)
     """
 
     __slots__ = ("_listener", "_queue", "_waiting")
