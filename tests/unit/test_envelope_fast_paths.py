@@ -106,35 +106,6 @@ def test_encode_is_byte_identical_to_json_dumps(message: dict[str, Any]) -> None
     assert repr(envelope.decode(envelope.encode(message))) == repr(json.loads(inner))
 
 
-notifier_messages = st.tuples(*[json_values] * len(envelope.NOTIFICATION_FIELDS)).map(
-    lambda values: dict(zip(envelope.NOTIFICATION_FIELDS, values, strict=True)))
-contexts = st.dictionaries(st.text(max_size=8) | st.integers(), json_values, max_size=4)
-
-
-@settings(max_examples=300, deadline=None)
-@given(message=notifier_messages, ctxt=contexts, signed=st.booleans())
-def test_encode_with_context_is_byte_identical_to_the_general_path(
-        message: dict[str, Any], ctxt: dict[Any, Any], signed: bool) -> None:
-    assert tuple(message) == envelope.NOTIFICATION_FIELDS  # the template's case
-    keys = SigningKeys({"k1": b"0123456789abcdef0123"}, active="k1") if signed else None
-    expected = envelope.encode(envelope.pack_context(dict(message), ctxt), 2.0, keys)
-    assert envelope.encode_with_context(message, ctxt, 2.0, keys) == expected
-    assert envelope.encode_with_context(message, ctxt, 1.0) == envelope.encode(
-        envelope.pack_context(dict(message), ctxt), 1.0)
-
-
-def test_encode_with_context_takes_the_template_only_for_its_own_shape() -> None:
-    message = dict.fromkeys(envelope.NOTIFICATION_FIELDS, "v")
-    assert envelope._inner_from_fields(message, {"a": 1}) is not None
-    assert envelope._inner_from_fields(message, {1: "int key"}) is None
-    reordered = {"publisher_id": "v", **message}
-    assert envelope._inner_from_fields(reordered, {}) is None
-    cyclic: dict[str, Any] = dict(message)
-    cyclic["payload"] = cyclic
-    with pytest.raises(ValueError, match="Circular reference"):  # as the general path says
-        envelope.encode_with_context(cyclic, {})
-
-
 def test_signed_bodies_take_the_general_path_and_verify() -> None:
     keys = SigningKeys({"k1": b"0123456789abcdef0123"}, active="k1", require=True)
     body = envelope.encode({"priority": "INFO", "payload": {"x": 1}}, 2.0, keys)

@@ -130,18 +130,13 @@ def _broker_for(vhost: str) -> _Broker:
 class _MemoryMessage(IncomingMessage):
     """One copy of a message delivered to one member (each bound queue has its own copy).
 
-    Made at delivery, under the broker lock, so poll() only hands over what is ready. The fields
-    of IncomingMessage are set here directly rather than through its __init__: it is made once
-    per message, and the call cost as much as the rest of it. (A field added to IncomingMessage
-    must be set here too.)
+    Made at delivery, under the broker lock, so poll() only hands over what is ready.
     """
 
     __slots__ = ("_listener", "_queue", "_waiting")
 
     def __init__(self, listener: _MemoryListener, queue: _Queue, waiting: _Waiting) -> None:
-        self.body, self.message_id, headers, self.redelivered = waiting
-        self.headers = dict(headers) if headers else {}
-        self._settled = None
+        super().__init__(*waiting)  # (body, message_id, headers, redelivered)
         self._listener = listener
         self._queue = queue
         self._waiting = waiting

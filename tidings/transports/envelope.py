@@ -20,8 +20,8 @@ from typing import Any
 from tidings.transports.errors import MalformedMessage
 from tidings.transports.signing import SIGNATURE_KEY, SigningKeys
 
-__all__ = ["CONTEXT_PREFIX", "NOTIFICATION_FIELDS", "Notification", "context_of", "decode",
-           "decode_envelope", "encode", "encode_with_context", "pack_context", "unpack_context"]
+__all__ = ["CONTEXT_PREFIX", "Notification", "context_of", "decode", "decode_envelope", "encode",
+           "pack_context", "unpack_context"]
 
 CONTEXT_PREFIX = "_context_"
 VERSION_KEY = "oslo.version"
@@ -118,53 +118,6 @@ def encode(message: dict[str, Any], version: float = 2.0,
         raise ValueError("signed notifications need the v2 envelope: use the notifier driver "
                          "'messagingv2', not 'messaging'")
     return _dumps_inner(message).encode("utf-8")
-
-
-#: The fields of a notification message in the order a Notifier builds them (oslo.messaging's).
-NOTIFICATION_FIELDS = ("message_id", "publisher_id", "event_type", "priority", "payload",
-                       "timestamp")
-
-
-def _inner_from_fields(message: dict[str, Any], ctxt: dict[str, Any]) -> str | None:
-    """The JSON of ``pack_context(dict(message), ctxt)`` for a message with exactly
-    NOTIFICATION_FIELDS, in that order, and a context with string keys; None otherwise.
-
-    The six field names are constants of the template, so only the values go through the
-    encoder: no packed copy of the message is made, and the encoder makes no string per key and
-    no chunk list for the outer object. Byte-identical to the general path (pinned by tests).
-    Strings are quoted inline rather than through a helper: a call per value cost more than
-    the template saved.
-    """
-    if _fast_dumps is None or tuple(message) != NOTIFICATION_FIELDS:
-        return None
-    q, dumps, join = _quote, _fast_dumps, "".join
-    mid, pub, event, prio, payload, stamp = message.values()
-    try:
-        text = (f'{{"message_id": {q(mid) if type(mid) is str else join(dumps(mid, 0))}, '
-                f'"publisher_id": {q(pub) if type(pub) is str else join(dumps(pub, 0))}, '
-                f'"event_type": {q(event) if type(event) is str else join(dumps(event, 0))}, '
-                f'"priority": {q(prio) if type(prio) is str else join(dumps(prio, 0))}, '
-                f'"payload": {q(payload) if type(payload) is str else join(dumps(payload, 0))}, '
-                f'"timestamp": {q(stamp) if type(stamp) is str else join(dumps(stamp, 0))}')
-        for key, value in ctxt.items():
-            if type(key) is not str:
-                return None  # str() of it could collide with another key: the general path
-            text += (f", {q(CONTEXT_PREFIX + key)}: "
-                     f"{q(value) if type(value) is str else join(dumps(value, 0))}")
-    except RecursionError:
-        return None  # a cycle, or too deep: the general path reports it as json.dumps does
-    return text + "}"
-
-
-def encode_with_context(message: dict[str, Any], ctxt: dict[str, Any], version: float = 2.0,
-                        signer: SigningKeys | None = None) -> bytes:
-    """``encode(pack_context(dict(message), ctxt), version, signer)``, byte for byte, the
-    notifier's common case (its own message, a dict context) in one pass over the values."""
-    if version >= 2.0:
-        inner = _inner_from_fields(message, ctxt)
-        if inner is not None:
-            return _envelope_v2(inner, signer)
-    return encode(pack_context(dict(message), ctxt), version, signer)
 
 
 def _envelope_v2(inner: str, signer: SigningKeys | None) -> bytes:

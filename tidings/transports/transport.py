@@ -163,11 +163,8 @@ class Transport:
                 version: float) -> tuple[bytes, str]:
         """The body and message id of a notification, its size checked."""
         message_id = str(message.get("message_id") or uuid.uuid4())
-        if type(message) is dict and type(ctxt) is dict:
-            body = envelope.encode_with_context(message, ctxt, version, self.signing)
-        else:
-            body = envelope.encode(envelope.pack_context(dict(message), ctxt), version,
-                                   self.signing)
+        wire = envelope.pack_context(dict(message), ctxt)  # reads ctxt, fills the copy
+        body = envelope.encode(wire, version, self.signing)
         self._check_size(body, message_id)
         return body, message_id
 
