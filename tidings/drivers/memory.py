@@ -136,7 +136,9 @@ class _MemoryMessage(IncomingMessage):
     __slots__ = ("_listener", "_queue", "_waiting")
 
     def __init__(self, listener: _MemoryListener, queue: _Queue, waiting: _Waiting) -> None:
-        super().__init__(*waiting)  # (body, message_id, headers, redelivered)
+        # (body, message_id, headers, redelivered). The base class by name: a zero-argument
+        # super() builds a proxy object per call on Python 3.11, once per delivered message.
+        IncomingMessage.__init__(self, *waiting)
         self._listener = listener
         self._queue = queue
         self._waiting = waiting
@@ -147,10 +149,21 @@ class _MemoryMessage(IncomingMessage):
         return (body, message_id, headers, True)
 
     def _ack(self) -> None:
-        self._listener.settle(self)
+        """Ack or reject (the same here: the message is gone).
 
-    def _reject(self) -> None:
-        self._listener.settle(self)
+        From the polling thread (where the core settles) this only notes the message; the next
+        poll() releases all of them under the one broker-lock acquisition it makes anyway. Taking
+        the broker lock once per message instead lets the sending and the listening thread
+        convoy on it, one GIL hand-off per message, which costs more than the whole broker.
+        From any other thread the message is released at once.
+        """
+        listener = self._listener
+        if threading.get_ident() == listener._poller:
+            listener._done.append(self)
+        else:
+            listener.release(self, requeue=False)
+
+    _reject = _ack
 
     def _requeue(self) -> None:
         self._listener.release(self, requeue=True)
@@ -168,7 +181,8 @@ class _MemoryListener(Listener):
         # Delivered and not yet settled, in delivery order (a dict keeps insertion order), so
         # close() can put them back oldest first.
         self._held: dict[_MemoryMessage, None] = {}
-        # Acks and rejects made by the polling thread, applied by its next poll() (or close()).
+        # Acks and rejects made in the polling thread (_MemoryMessage._ack), applied by its
+        # next poll() (or close()).
         self._done: list[_MemoryMessage] = []
         self._poller: int | None = None  # thread id of the last poll()
         self._wakeup = threading.Condition(broker.lock)
@@ -187,22 +201,9 @@ class _MemoryListener(Listener):
         if len(ready) == 1:  # poll() only waits on an empty deque: wake it once
             self._wakeup.notify()
 
-    def settle(self, msg: _MemoryMessage) -> None:
-        """Ack or reject (the same here: the message is gone).
-
-        From the polling thread (where the core settles) this only notes the message; the next
-        poll() releases all of them under the one broker-lock acquisition it makes anyway. Taking
-        the broker lock once per message instead lets the sending and the listening thread
-        convoy on it, one GIL hand-off per message, which costs more than the whole broker.
-        From any other thread the message is released at once.
-        """
-        if threading.get_ident() == self._poller:
-            self._done.append(msg)
-        else:
-            self.release(msg, requeue=False)
-
     def _release_done(self) -> None:
-        """Apply the acks and rejects noted by settle(). Caller holds the broker lock."""
+        """Apply the acks and rejects noted by _MemoryMessage._ack. Caller holds the broker
+        lock."""
         done, self._done = self._done, []
         held = self._held
         for msg in done:
@@ -241,7 +242,7 @@ class _MemoryListener(Listener):
             if self._closed:
                 return
             self._closed = True
-            self._poller = None  # from now on settle() releases at once
+            self._poller = None  # from now on an ack or reject releases at once
             for q in self._queues:
                 if self in q.consumers:
                     q.consumers.remove(self)

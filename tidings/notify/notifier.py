@@ -115,6 +115,10 @@ class Notifier:
         self.raise_on_failure = raise_on_failure
         self._driver_names = names
         self._drivers = [NOTIFIER_DRIVERS[n] for n in names]
+        # (envelope version, None) for a driver that sends through the transport, which
+        # _deliver calls directly; (None, function) for log and noop.
+        self._sends = [(_TRANSPORT_VERSIONS[n], None) if n in _TRANSPORT_VERSIONS
+                       else (None, NOTIFIER_DRIVERS[n]) for n in names]
         self._serializer = serializer or NoOpSerializer()
         self.stats = PublisherStats()
         self._target_cache: dict[str, list[Target]] = {}
@@ -166,10 +170,15 @@ class Notifier:
         return context, msg, wire_priority
 
     def _deliver(self, context: dict[str, Any], msg: dict[str, Any], wire_priority: str) -> None:
-        for send in self._drivers:
+        for version, send in self._sends:
             began = time.perf_counter()
             try:
-                send(self, context, msg, wire_priority)
+                if send is not None:
+                    send(self, context, msg, wire_priority)
+                else:
+                    self.transport._send_notifications(
+                        self._target_cache.get(wire_priority) or self._targets(wire_priority),
+                        context, msg, version, self.retry)
             except MessageDeliveryFailure as exc:
                 self.stats.failed()
                 if self.raise_on_failure:

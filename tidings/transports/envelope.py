@@ -85,13 +85,14 @@ def context_of(message: dict[str, Any]) -> dict[str, Any]:
     """The ``_context_<key>`` entries of a wire message (string keys, as JSON gives), as a
     context dict.
 
-    A loop with ``startswith`` rather than a comprehension over ``k[:9]``: it makes no slice per
-    key and no comprehension frame, half the cost for a notification's handful of keys.
+    A loop rather than a comprehension (no comprehension frame), and a look at the first
+    character before the ``startswith`` method call: the six fields every notification has
+    do not begin with an underscore, so most keys cost one comparison.
     """
     cut = len(CONTEXT_PREFIX)
     ctxt = {}
     for key, value in message.items():
-        if key.startswith(CONTEXT_PREFIX):
+        if key[:1] == "_" and key.startswith(CONTEXT_PREFIX):
             ctxt[key[cut:]] = value
     return ctxt
 
@@ -113,17 +114,14 @@ def encode(message: dict[str, Any], version: float = 2.0,
     ``oslo.message`` string (see tidings.transports.signing); v1 bodies cannot be signed.
     """
     if version >= 2.0:
-        return _envelope_v2(_dumps_inner(message), signer)
+        inner = _dumps_inner(message)
+        signature = signer.sign(inner) if signer is not None else None
+        tail = "}" if signature is None else f", \"{SIGNATURE_KEY}\": {_dumps(signature)}}}"
+        return (_V2_HEAD + _quote(inner) + tail).encode("utf-8")
     if signer is not None and signer.active is not None:
         raise ValueError("signed notifications need the v2 envelope: use the notifier driver "
                          "'messagingv2', not 'messaging'")
     return _dumps_inner(message).encode("utf-8")
-
-
-def _envelope_v2(inner: str, signer: SigningKeys | None) -> bytes:
-    signature = signer.sign(inner) if signer is not None else None
-    tail = "}" if signature is None else f", \"{SIGNATURE_KEY}\": {_dumps(signature)}}}"
-    return (_V2_HEAD + _quote(inner) + tail).encode("utf-8")
 
 
 def decode(body: bytes | str) -> dict[str, Any]:

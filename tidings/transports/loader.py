@@ -11,7 +11,6 @@ from importlib.metadata import entry_points
 from typing import TypeVar
 
 from stevedore.driver import DriverManager
-from stevedore.exception import NoMatches
 
 from tidings.transports.base import Driver
 from tidings.transports.errors import DriverLoadFailure
@@ -39,12 +38,12 @@ def load_plugin(namespace: str, name: str, base: type[T], *, unknown: str,
     """The class registered as ``name`` in ``namespace``, a subclass of ``base``, or
     DriverLoadFailure. ``unknown`` and ``unimportable`` are the messages (``str.format`` with
     ``name`` and ``installed``, or ``name`` and ``exc``) that say what to do."""
+    installed = entry_point_names(namespace)
+    if name not in installed:
+        raise DriverLoadFailure(unknown.format(name=name, installed=", ".join(installed)
+                                               or "none"))
     try:
         mgr = DriverManager(namespace, name, invoke_on_load=False)  # imports this one only
-    except NoMatches:
-        installed = entry_point_names(namespace)
-        raise DriverLoadFailure(unknown.format(name=name, installed=", ".join(installed)
-                                               or "none")) from None
     except ImportError as exc:
         raise DriverLoadFailure(unimportable.format(name=name, exc=exc)) from exc
     except Exception as exc:  # stevedore wraps many failures; say which plug-in failed

@@ -103,7 +103,8 @@ class Transport:
         self.default_exchange = default_exchange
         self.options = dict(options)
         self.signing = signing
-        self._closed = threading.Event()
+        self._closed = threading.Event()  # what an endless retry waits on
+        self._open = True  # the same fact as a plain attribute, for the per-message checks
 
     # -- what the driver is -------------------------------------------------------------
     @property
@@ -118,7 +119,7 @@ class Transport:
         return f"<Transport {self.driver_name} {self.url.masked()}>"
 
     def _ensure_open(self, doing: str) -> None:
-        if self._closed.is_set():
+        if not self._open:
             raise TransportClosed(f"cannot {doing}: transport {self.url.masked()} was cleaned "
                                   f"up; build a new one with get_notification_transport()")
 
@@ -153,7 +154,8 @@ class Transport:
         Packed and encoded once: every target carries the same bytes. A target whose send
         fails for good raises MessageDeliveryFailure and the later ones are not tried.
         """
-        self._ensure_open("send")
+        if not self._open:
+            self._ensure_open("send")
         body, message_id = self._encode(ctxt, message, version)
         for target in targets:
             self._send_outgoing(OutgoingMessage(target.exchange or self.default_exchange,
@@ -291,8 +293,9 @@ class Transport:
 
     def cleanup(self) -> None:
         """Close the driver. Later sends and listens raise TransportClosed. Idempotent."""
-        if self._closed.is_set():
+        if not self._open:
             return
+        self._open = False
         self._closed.set()
         try:
             self._driver.cleanup()
