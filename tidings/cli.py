@@ -458,7 +458,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--processes", action="store_true",
                       help="run every member as a separate process (default URL then: "
                            "ZeroMQ with an sqlite matchmaker in a temporary file)")
-    member = sub.add_parser("_member", help=argparse.SUPPRESS)
+    # Internal (the demo's member processes): no help=, so argparse does not list it.
+    member = sub.add_parser("_member")
     member.add_argument("url")
     member.add_argument("--exchange", required=True)
     member.add_argument("--topic", required=True)
@@ -506,6 +507,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, metavar="FILE", help="write results as JSON")
     bench.add_argument("--plot", default=None, metavar="PNG", help="bar chart (matplotlib)")
     bench.add_argument("--progress", action="store_true", help="progress bar even when piped")
+    # The usage line names the public commands only.
+    sub.metavar = "{" + ",".join(name for name in sub.choices if not name.startswith("_")) + "}"
     return parser
 
 

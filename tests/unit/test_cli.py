@@ -37,6 +37,13 @@ def test_drivers_lists_builtin_drivers_with_capabilities() -> None:
     assert "yes" in memory
 
 
+def test_help_lists_the_public_commands_only() -> None:
+    proc = tidings("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "{demo,drivers,listen,notify,bench}" in proc.stdout
+    assert "_member" not in proc.stdout and "SUPPRESS" not in proc.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["notify", "nosuch://h", "--event-type", "e"], "no tidings driver for scheme 'nosuch'"),
     (["notify", "rabbit://u:hunter2@h:bad/", "--event-type", "e"], "port 'bad'"),
