@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -29,7 +30,7 @@ from tidings.notify.notifier import Notifier
 from tidings.transports.errors import DriverLoadFailure, TidingsError
 from tidings.transports.loader import available_drivers, load_driver_class
 from tidings.transports.transport import Target, Transport, get_notification_transport
-from tidings.transports.url import mask_password
+from tidings.transports.url import TransportURL, mask_password
 
 __all__ = ["main"]
 
@@ -168,6 +169,25 @@ def run_member(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_QUEUE_EXPIRY = 30  # seconds
+
+
+def _demo_url(url: str) -> str:
+    """``url`` with ``queue_expiry`` added where the driver accepts it and the URL does not set
+    it, so the queues a demo run declares on a real broker (its group queue and its two pools,
+    named for the run) are deleted by the broker once the run has ended, instead of piling up
+    one set per run."""
+    parsed = TransportURL.parse(url)
+    try:
+        accepted = load_driver_class(parsed.driver).options
+    except DriverLoadFailure:
+        return url  # get_notification_transport explains it
+    if "queue_expiry" not in accepted or "queue_expiry" in parsed.query:
+        return url
+    extra = (("queue_expiry", str(DEMO_QUEUE_EXPIRY)),)
+    return str(dataclasses.replace(parsed, query_items=parsed.query_items + extra))
+
+
 def run_demo(url: str, count: int, members: int, timeout: float, out: Any,
              processes: bool = False) -> int:
     """Start the no-pool group and two pools, send ``count`` notifications, check the split.
@@ -175,6 +195,7 @@ def run_demo(url: str, count: int, members: int, timeout: float, out: Any,
     With ``processes``, every member is a separate process, so the split is across processes
     (on ZeroMQ with the sqlite matchmaker this needs nothing installed).
     """
+    url = _demo_url(url)
     transport = get_notification_transport(url)
     try:
         if processes and transport.url.driver in ("memory", "fake"):
@@ -186,8 +207,11 @@ def run_demo(url: str, count: int, members: int, timeout: float, out: Any,
         else:
             print(f"note: the {transport.driver_name} driver declares no pools; "
                   f"showing the no-pool group only", file=out)
+        # Names of this run's own: concurrent runs do not meet, a URL with other queue options
+        # (durable=true) never meets an earlier declaration, and the queues expire after the
+        # run (see _demo_url). The exchange stays, empty: brokers do not expire exchanges.
         run = uuid.uuid4().hex[:8]
-        target = Target("demo", exchange=f"tidings-demo-{run}")
+        target = Target(f"demo-{run}", exchange=f"tidings-demo-{run}")
         runner: _ThreadMembers | _ProcessMembers = (
             _ProcessMembers(url, target) if processes else _ThreadMembers(transport, target))
         groups: dict[str | None, list[_Member]] = {}
@@ -277,6 +301,9 @@ def run_drivers(out: Any) -> int:
         caps = cls.capabilities.as_dict()
         print(f"{scheme:<14}" + "".join(f"{'yes' if caps[n] else '-':>16}" for n in names),
               file=out)
+    print("(as declared with default URL options: a driver may declare more once an option "
+          "turns a feature on, e.g. rabbit:// and amqp:// with isolate_exchanges=true, "
+          "durable=true or dead_letter_exchange=...)", file=out)
     for line in problems:
         print(f"not loadable: {line}", file=out)
     return 0

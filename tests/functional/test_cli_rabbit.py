@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -116,6 +118,7 @@ def test_demo_and_bench_on_rabbit(url: str, tmp_path: os.PathLike[str]) -> None:
     demo = run("demo", url, "--count", "40")
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "all pool guarantees hold" in demo.stdout
+    assert "?queue_expiry=30 " in demo.stdout  # its queues go away after the run
     out = os.path.join(tmp_path, "b.json")
     bench = run("bench", url, "--messages", "300", "--compare", "raw", "--json", out,
                 timeout=300)
@@ -123,6 +126,31 @@ def test_demo_and_bench_on_rabbit(url: str, tmp_path: os.PathLike[str]) -> None:
     results = json.load(open(out))
     assert [r["name"] for r in results] == ["tidings rabbit", "raw py-amqp"]
     assert all(r["drain_rate"] > 0 and r["publish_rate"] > 0 for r in results)
+
+
+def _queues(vhost: str) -> list[str]:
+    exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    proc = subprocess.run([exe, "list_queues", "-q", "-p", vhost, "name"], capture_output=True,
+                          text=True, timeout=60, check=True)
+    return [line for line in proc.stdout.split() if line != "name"]
+
+
+def test_demo_leaves_no_queues_behind() -> None:
+    """A demo run declares a group queue and two pools named for the run; with queue_expiry
+    (here 1 s instead of the demo's 30) the broker deletes them once the run is over, so
+    running the demo again and again does not pile up queues."""
+    with rabbit_vhost("tidings-cli-demo") as vhost:
+        demo = run("demo", f"rabbit://guest:guest@127.0.0.1:5672/{vhost}?queue_expiry=1",
+                   "--count", "10")
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        left = _queues(vhost)
+        assert len(left) == 3 and all("demo-" in q for q in left), left  # group and 2 pools
+        gone = threading.Event()
+        deadline = time.monotonic() + 30
+        while left and time.monotonic() < deadline:
+            gone.wait(0.5)
+            left = _queues(vhost)
+        assert not left, f"queues still there 30 s after the demo: {left}"
 
 
 def test_unreachable_broker_is_one_line(url: str) -> None:
