@@ -136,7 +136,7 @@ class Binding:
     routing_key: str
 
 
-@dataclass
+@dataclass(slots=True)
 class OutgoingMessage:
     """One encoded message for the driver to deliver to ``exchange`` under ``routing_key``.
 

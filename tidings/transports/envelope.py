@@ -202,7 +202,7 @@ def decode_envelope(body: bytes | str) -> tuple[dict[str, Any], str | None, Any]
     return message, inner, outer.get(SIGNATURE_KEY)
 
 
-@dataclass
+@dataclass(slots=True)
 class Notification:
     """One notification as endpoints see it: oslo.messaging's (ctxt, publisher_id, event_type,
     payload, metadata) plus its priority (lower case, the endpoint method's name)."""
