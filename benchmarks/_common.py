@@ -1,12 +1,37 @@
-"""What every benchmark script shares: the counting endpoint. (A fresh RabbitMQ vhost comes
-from tidings.testing.brokers.rabbit_vhost; the tidings-side harness is tidings.bench.)"""
+"""What every benchmark script shares: the counting endpoint, the memory:// workload, and
+tidings' wire work alone (for the bare-loop references). (A fresh RabbitMQ vhost comes from
+tidings.testing.brokers.rabbit_vhost; the tidings-side harness is tidings.bench.)"""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 
-__all__ = ["Counter"]
+from tidings.notify.stamps import new_message_id, utc_timestamp
+from tidings.transports import envelope
+
+__all__ = ["CONTEXT", "PAYLOAD", "Counter", "read_wire_body", "wire_body"]
+
+PAYLOAD = {"instance_id": "0" * 36, "state": "active", "flavor": {"vcpus": 2}}
+CONTEXT = {"request_id": "req-1"}
+
+
+def wire_body() -> bytes:
+    """One notification of the memory:// workload as tidings puts it on the wire (its message
+    id, timestamp and v2 envelope encoder), with nothing else of tidings around it."""
+    message = {"message_id": new_message_id(), "publisher_id": "bench.host",
+               "event_type": "compute.instance.update", "priority": "INFO",
+               "payload": PAYLOAD, "timestamp": utc_timestamp()}
+    return envelope.encode(envelope.pack_context(message, CONTEXT))
+
+
+def read_wire_body(body: bytes) -> tuple[Any, ...]:
+    """The endpoint arguments (ctxt, publisher_id, event_type, payload, metadata) of a body,
+    decoded with tidings' envelope decoder and nothing else."""
+    message = envelope.decode(body)
+    return (envelope.context_of(message), message["publisher_id"], message["event_type"],
+            message["payload"], {"message_id": message["message_id"],
+                                 "timestamp": message["timestamp"]})
 
 
 class Counter:

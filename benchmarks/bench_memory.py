@@ -33,10 +33,8 @@ import time
 import uuid
 from typing import Any
 
+from _common import CONTEXT, PAYLOAD, read_wire_body, wire_body
 from _common import Counter as _Endpoint
-
-PAYLOAD = {"instance_id": "0" * 36, "state": "active", "flavor": {"vcpus": 2}}
-CONTEXT = {"request_id": "req-1"}
 
 
 def run_tidings(n: int) -> float:
@@ -48,10 +46,9 @@ def run_tidings(n: int) -> float:
         transport, [tidings.Target("bench")], [endpoint])
     listener.start()
     notifier = tidings.Notifier(transport, "bench.host", topics=["bench"])
-    payload = {"instance_id": "0" * 36, "state": "active", "flavor": {"vcpus": 2}}
     began = time.perf_counter()
     for _ in range(n):
-        notifier.info({"request_id": "req-1"}, "compute.instance.update", payload)
+        notifier.info(CONTEXT, "compute.instance.update", PAYLOAD)
     if not endpoint.done.wait(300):
         raise RuntimeError(f"tidings delivered {endpoint.count}/{n}")
     took = time.perf_counter() - began
@@ -74,10 +71,9 @@ def run_oslo(n: int) -> float:
     listener.start()
     notifier = oslo_messaging.Notifier(transport, "bench.host", driver="messagingv2",
                                        topics=["bench"])
-    payload = {"instance_id": "0" * 36, "state": "active", "flavor": {"vcpus": 2}}
     began = time.perf_counter()
     for _ in range(n):
-        notifier.info({"request_id": "req-1"}, "compute.instance.update", payload)
+        notifier.info(CONTEXT, "compute.instance.update", PAYLOAD)
     if not endpoint.done.wait(300):
         raise RuntimeError(f"oslo.messaging delivered {endpoint.count}/{n}")
     took = time.perf_counter() - began
@@ -123,11 +119,6 @@ def _two_thread_loop(n: int, make_body: Any, read_body: Any) -> float:
     return n / took
 
 
-def _endpoint_args(message: dict[str, Any], ctxt: dict[str, Any]) -> tuple[Any, ...]:
-    return (ctxt, message["publisher_id"], message["event_type"], message["payload"],
-            {"message_id": message["message_id"], "timestamp": message["timestamp"]})
-
-
 def run_stdlib(n: int) -> float:
     """The same wire work written plainly: uuid4, datetime and json, as a user would by hand."""
     utc = datetime.timezone.utc
@@ -145,7 +136,8 @@ def run_stdlib(n: int) -> float:
     def read_body(body: bytes) -> tuple[Any, ...]:
         message = json.loads(json.loads(body)["oslo.message"])
         ctxt = {k[9:]: v for k, v in message.items() if k.startswith("_context_")}
-        return _endpoint_args(message, ctxt)
+        return (ctxt, message["publisher_id"], message["event_type"], message["payload"],
+                {"message_id": message["message_id"], "timestamp": message["timestamp"]})
 
     return _two_thread_loop(n, make_body, read_body)
 
@@ -154,20 +146,7 @@ def run_wire_only(n: int) -> float:
     """tidings' own wire work and nothing else: its message ids, timestamps, envelope encoder
     and decoder, in the bare loop. What tidings costs beyond this is its delivery machinery
     (notifier, transport, broker model, listener, dispatch, acknowledgement, statistics)."""
-    from tidings.notify.stamps import new_message_id, utc_timestamp
-    from tidings.transports import envelope
-
-    def make_body() -> bytes:
-        message = {"message_id": new_message_id(), "publisher_id": "bench.host",
-                   "event_type": "compute.instance.update", "priority": "INFO",
-                   "payload": PAYLOAD, "timestamp": utc_timestamp()}
-        return envelope.encode(envelope.pack_context(message, CONTEXT))
-
-    def read_body(body: bytes) -> tuple[Any, ...]:
-        message = envelope.decode(body)
-        return _endpoint_args(message, envelope.context_of(message))
-
-    return _two_thread_loop(n, make_body, read_body)
+    return _two_thread_loop(n, wire_body, read_wire_body)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,8 @@ change dict probing)::
     PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
         python benchmarks/cost_memory.py --messages 0 --once
     # (first "Collected" - second) / 6400 = instructions per notification
+    # (run the script once first, so that neither run compiles bytecode caches, and point
+    # PYTHONPATH at the checkout being measured; add --wire-only to both for the floor)
 
     python benchmarks/cost_memory.py [--messages 12800] [--runs 5]
 """
@@ -26,10 +28,11 @@ import time
 import uuid
 from typing import Any
 
+from _common import CONTEXT, PAYLOAD, read_wire_body, wire_body
+
 import tidings
 
 BATCH = 64
-PAYLOAD = {"instance_id": "0" * 36, "state": "active", "flavor": {"vcpus": 2}}
 
 
 class _Endpoint:
@@ -50,7 +53,7 @@ def run(messages: int, warmup: int = 640) -> float:
         def rounds(n: int) -> None:
             for _ in range(n // BATCH):
                 for _ in range(BATCH):
-                    notifier.info({"request_id": "req-1"}, "compute.instance.update", PAYLOAD)
+                    notifier.info(CONTEXT, "compute.instance.update", PAYLOAD)
                 got = list(driver_listener.poll(1.0))
                 if len(got) != BATCH:
                     raise RuntimeError(f"polled {len(got)} of {BATCH} notifications")
@@ -66,6 +69,24 @@ def run(messages: int, warmup: int = 640) -> float:
         transport.cleanup()
 
 
+def run_wire_only(messages: int, warmup: int = 640) -> float:
+    """The same rounds with tidings' wire work alone (ids, timestamp, v2 encode and decode,
+    the endpoint call): what ``run`` costs beyond this is tidings' delivery machinery."""
+    endpoint = _Endpoint()
+
+    def rounds(n: int) -> None:
+        for _ in range(n // BATCH):
+            bodies = [wire_body() for _ in range(BATCH)]
+            for body in bodies:
+                endpoint.info(*read_wire_body(body))
+
+    rounds(warmup)
+    began = time.perf_counter()
+    rounds(messages)
+    took = time.perf_counter() - began
+    return took / messages if messages else 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,14 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--once", action="store_true",
                         help="one run, no output: for callgrind")
+    parser.add_argument("--wire-only", action="store_true",
+                        help="tidings' wire work alone, without its delivery machinery")
     args = parser.parse_args(argv)
     if args.messages % BATCH:
         parser.error(f"--messages must be a multiple of {BATCH}")
+    measure = run_wire_only if args.wire_only else run
     if args.once:
-        run(args.messages)
+        measure(args.messages)
         return 0
-    results = [run(args.messages) * 1e6 for _ in range(args.runs)]
-    print(f"memory://, one thread, {args.messages} notifications x {args.runs} runs: "
+    results = [measure(args.messages) * 1e6 for _ in range(args.runs)]
+    what = "wire work alone" if args.wire_only else "memory://"
+    print(f"{what}, one thread, {args.messages} notifications x {args.runs} runs: "
           f"best {min(results):.2f} us per notification "
           f"({', '.join(f'{r:.2f}' for r in results)})")
     return 0
