@@ -15,9 +15,16 @@ change dict probing)::
         python benchmarks/cost_memory.py --messages 0 --once
     # (first "Collected" - second) / 6400 = instructions per notification
     # (run the script once first, so that neither run compiles bytecode caches, and point
-    # PYTHONPATH at the checkout being measured; add --wire-only to both for the floor)
+    # PYTHONPATH at the checkout being measured)
 
-    python benchmarks/cost_memory.py [--messages 12800] [--runs 5]
+    python benchmarks/cost_memory.py [--messages 12800] [--runs 5] [--layer full]
+
+``--layer`` says how much of tidings the rounds go through, each layer adding to the one
+before, so the differences say what each costs: ``wire`` (ids, timestamp, v2 encode and decode,
+the endpoint call: tidings' wire work alone), ``broker`` (+ the memory:// driver: send, hand-over,
+acknowledgement), ``transport`` (+ Transport: packing, size checks, retry frame, decode checks),
+``notifier`` (+ Notifier: building the message, statistics) and ``full`` (+ the listener:
+Notification, dispatch, settlement policy, statistics).
 """
 
 from __future__ import annotations
@@ -26,13 +33,18 @@ import argparse
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from _common import CONTEXT, PAYLOAD, read_wire_body, wire_body
 
 import tidings
+from tidings.notify.stamps import new_message_id, utc_timestamp
+from tidings.transports import envelope
+from tidings.transports.base import Binding, OutgoingMessage
 
 BATCH = 64
+LAYERS = ("wire", "broker", "transport", "notifier", "full")
 
 
 class _Endpoint:
@@ -41,24 +53,63 @@ class _Endpoint:
         return None
 
 
-def run(messages: int, warmup: int = 640) -> float:
-    """Seconds per notification over ``messages`` (after ``warmup`` not counted)."""
+def run(messages: int, layer: str = "full", warmup: int = 640) -> float:
+    """Seconds per notification over ``messages`` (after ``warmup`` not counted), through
+    tidings up to ``layer`` (see the module docstring)."""
+    endpoint = _Endpoint()
     transport = tidings.get_notification_transport(f"memory:///cost-{uuid.uuid4().hex}")
     try:
         notifier = tidings.Notifier(transport, "bench.host", topics=["bench"])
         listener = tidings.get_notification_listener(transport, [tidings.Target("bench")],
-                                                     [_Endpoint()])
+                                                     [endpoint])
         driver_listener = transport.listen(listener.bindings, None, BATCH)
+        driver = transport._driver
+        target = [tidings.Target("bench.info")]
+        binding = Binding(transport.default_exchange, "bench.info")
 
-        def rounds(n: int) -> None:
+        def send() -> None:
+            if layer == "broker":
+                driver.send(OutgoingMessage(binding.exchange, binding.routing_key, wire_body(),
+                                            "id"))
+            elif layer == "transport":
+                transport._send_notifications(target, CONTEXT, {
+                    "message_id": new_message_id(), "publisher_id": "bench.host",
+                    "event_type": "compute.instance.update", "priority": "INFO",
+                    "payload": PAYLOAD, "timestamp": utc_timestamp()})
+            else:
+                notifier.info(CONTEXT, "compute.instance.update", PAYLOAD)
+
+        def receive(got: list[Any]) -> None:
+            if layer == "full":
+                listener._handle(got)
+                return
+            for msg in got:
+                if layer == "broker":
+                    endpoint.info(*read_wire_body(msg.body))
+                else:
+                    message = transport.decode(msg)
+                    endpoint.info(envelope.context_of(message), message["publisher_id"],
+                                  message["event_type"], message["payload"],
+                                  {"message_id": message["message_id"],
+                                   "timestamp": message["timestamp"]})
+                msg.ack()
+
+        def through_tidings(n: int) -> None:
             for _ in range(n // BATCH):
                 for _ in range(BATCH):
-                    notifier.info(CONTEXT, "compute.instance.update", PAYLOAD)
+                    send()
                 got = list(driver_listener.poll(1.0))
                 if len(got) != BATCH:
                     raise RuntimeError(f"polled {len(got)} of {BATCH} notifications")
-                listener._handle(got)
+                receive(got)
 
+        def wire_only(n: int) -> None:
+            for _ in range(n // BATCH):
+                bodies = [wire_body() for _ in range(BATCH)]
+                for body in bodies:
+                    endpoint.info(*read_wire_body(body))
+
+        rounds: Callable[[int], None] = wire_only if layer == "wire" else through_tidings
         rounds(warmup)
         began = time.perf_counter()
         rounds(messages)
@@ -69,24 +120,6 @@ def run(messages: int, warmup: int = 640) -> float:
         transport.cleanup()
 
 
-def run_wire_only(messages: int, warmup: int = 640) -> float:
-    """The same rounds with tidings' wire work alone (ids, timestamp, v2 encode and decode,
-    the endpoint call): what ``run`` costs beyond this is tidings' delivery machinery."""
-    endpoint = _Endpoint()
-
-    def rounds(n: int) -> None:
-        for _ in range(n // BATCH):
-            bodies = [wire_body() for _ in range(BATCH)]
-            for body in bodies:
-                endpoint.info(*read_wire_body(body))
-
-    rounds(warmup)
-    began = time.perf_counter()
-    rounds(messages)
-    took = time.perf_counter() - began
-    return took / messages if messages else 0.0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,19 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--once", action="store_true",
                         help="one run, no output: for callgrind")
-    parser.add_argument("--wire-only", action="store_true",
-                        help="tidings' wire work alone, without its delivery machinery")
+    parser.add_argument("--layer", choices=LAYERS, default="full",
+                        help="how much of tidings to go through (default: all of it)")
     args = parser.parse_args(argv)
     if args.messages % BATCH:
         parser.error(f"--messages must be a multiple of {BATCH}")
-    measure = run_wire_only if args.wire_only else run
     if args.once:
-        measure(args.messages)
+        run(args.messages, args.layer)
         return 0
-    results = [measure(args.messages) * 1e6 for _ in range(args.runs)]
-    what = "wire work alone" if args.wire_only else "memory://"
-    print(f"{what}, one thread, {args.messages} notifications x {args.runs} runs: "
-          f"best {min(results):.2f} us per notification "
+    results = [run(args.messages, args.layer) * 1e6 for _ in range(args.runs)]
+    print(f"memory:// up to layer {args.layer!r}, one thread, {args.messages} notifications x "
+          f"{args.runs} runs: best {min(results):.2f} us per notification "
           f"({', '.join(f'{r:.2f}' for r in results)})")
     return 0
 
