@@ -114,9 +114,9 @@ class Notifier:
         self.exchange = exchange or transport.default_exchange
         self.raise_on_failure = raise_on_failure
         self._driver_names = names
-        self._drivers = [NOTIFIER_DRIVERS[n] for n in names]
         # (envelope version, None) for a driver that sends through the transport, which
-        # _deliver calls directly; (None, function) for log and noop.
+        # _deliver (and BackgroundNotifier's batches) call directly; (None, function) for log
+        # and noop.
         self._sends = [(_TRANSPORT_VERSIONS[n], None) if n in _TRANSPORT_VERSIONS
                        else (None, NOTIFIER_DRIVERS[n]) for n in names]
         self._serializer = serializer or NoOpSerializer()
@@ -307,9 +307,8 @@ class BackgroundNotifier(Notifier):
         batches: dict[int | None, tuple[list[OutgoingMessage], list[int]]] = {}
         for index, (owner, (context, msg, wire_priority)) in enumerate(items):
             try:
-                for name, send in zip(owner._driver_names, owner._drivers, strict=True):
-                    version = _TRANSPORT_VERSIONS.get(name)
-                    if version is None:
+                for version, send in owner._sends:
+                    if send is not None:
                         send(owner, context, msg, wire_priority)  # log, noop: no broker
                         continue
                     out, where = batches.setdefault(owner.retry, ([], []))
