@@ -10,7 +10,7 @@ from typing import Any
 from tidings.notify.stamps import new_message_id, utc_timestamp
 from tidings.transports import envelope
 
-__all__ = ["CONTEXT", "PAYLOAD", "Counter", "read_wire_body", "wire_body"]
+__all__ = ["CONTEXT", "PAYLOAD", "Counter", "endpoint_args", "read_wire_body", "wire_body"]
 
 PAYLOAD = {"instance_id": "0" * 36, "state": "active", "flavor": {"vcpus": 2}}
 CONTEXT = {"request_id": "req-1"}
@@ -25,13 +25,18 @@ def wire_body() -> bytes:
     return envelope.encode(envelope.pack_context(message, CONTEXT))
 
 
+def endpoint_args(message: dict[str, Any], ctxt: dict[str, Any]) -> tuple[Any, ...]:
+    """What an endpoint method gets for a decoded wire message: (ctxt, publisher_id,
+    event_type, payload, metadata)."""
+    return (ctxt, message["publisher_id"], message["event_type"], message["payload"],
+            {"message_id": message["message_id"], "timestamp": message["timestamp"]})
+
+
 def read_wire_body(body: bytes) -> tuple[Any, ...]:
-    """The endpoint arguments (ctxt, publisher_id, event_type, payload, metadata) of a body,
-    decoded with tidings' envelope decoder and nothing else."""
+    """The endpoint arguments of a body, decoded with tidings' envelope decoder and nothing
+    else."""
     message = envelope.decode(body)
-    return (envelope.context_of(message), message["publisher_id"], message["event_type"],
-            message["payload"], {"message_id": message["message_id"],
-                                 "timestamp": message["timestamp"]})
+    return endpoint_args(message, envelope.context_of(message))
 
 
 class Counter:

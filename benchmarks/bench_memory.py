@@ -33,7 +33,7 @@ import time
 import uuid
 from typing import Any
 
-from _common import CONTEXT, PAYLOAD, read_wire_body, wire_body
+from _common import CONTEXT, PAYLOAD, endpoint_args, read_wire_body, wire_body
 from _common import Counter as _Endpoint
 
 
@@ -136,8 +136,7 @@ def run_stdlib(n: int) -> float:
     def read_body(body: bytes) -> tuple[Any, ...]:
         message = json.loads(json.loads(body)["oslo.message"])
         ctxt = {k[9:]: v for k, v in message.items() if k.startswith("_context_")}
-        return (ctxt, message["publisher_id"], message["event_type"], message["payload"],
-                {"message_id": message["message_id"], "timestamp": message["timestamp"]})
+        return endpoint_args(message, ctxt)
 
     return _two_thread_loop(n, make_body, read_body)
 
@@ -167,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             rows[name].append(run(args.messages))
             cpu[name].append((time.process_time() - began) / args.messages * 1e6)
     med = {k: statistics.median(v) for k, v in rows.items()}
-    ratio = med["tidings memory://"] / med["oslo.messaging fake:"]
     oslo = med["oslo.messaging fake:"]
+    ratio = med["tidings memory://"] / oslo
     print(f"end to end, {args.messages} notifications x {args.rounds} rounds (median msg/s; "
           f"process CPU us/msg)")
     for name, values in rows.items():

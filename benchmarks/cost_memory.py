@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from _common import CONTEXT, PAYLOAD, read_wire_body, wire_body
+from _common import CONTEXT, PAYLOAD, endpoint_args, read_wire_body, wire_body
 
 import tidings
 from tidings.notify.stamps import new_message_id, utc_timestamp
@@ -88,10 +88,7 @@ def run(messages: int, layer: str = "full", warmup: int = 640) -> float:
                     endpoint.info(*read_wire_body(msg.body))
                 else:
                     message = transport.decode(msg)
-                    endpoint.info(envelope.context_of(message), message["publisher_id"],
-                                  message["event_type"], message["payload"],
-                                  {"message_id": message["message_id"],
-                                   "timestamp": message["timestamp"]})
+                    endpoint.info(*endpoint_args(message, envelope.context_of(message)))
                 msg.ack()
 
         def through_tidings(n: int) -> None:
