@@ -45,14 +45,6 @@ _LOG_LEVEL = {"AUDIT": logging.INFO, "DEBUG": logging.DEBUG, "INFO": logging.INF
 SendFn = Callable[["Notifier", dict[str, Any], dict[str, Any], str], None]
 
 
-def _send_messaging(version: float) -> SendFn:
-    def send(notifier: Notifier, ctxt: dict[str, Any], msg: dict[str, Any],
-             priority: str) -> None:
-        notifier.transport._send_notifications(notifier._targets(priority), ctxt, msg, version,
-                                               notifier.retry)
-    return send
-
-
 def _send_log(notifier: Notifier, ctxt: dict[str, Any], msg: dict[str, Any],
               priority: str) -> None:
     logger = logging.getLogger(f"tidings.notification.{msg['event_type']}")
@@ -66,13 +58,11 @@ def _send_noop(notifier: Notifier, ctxt: dict[str, Any], msg: dict[str, Any],
 
 #: Notifier drivers that send through the transport, with their envelope version.
 _TRANSPORT_VERSIONS = {"messagingv2": 2.0, "messaging": 1.0}
+#: Notifier drivers that do not use the transport, with the function that does their work.
+_LOCAL_DRIVERS: dict[str, SendFn] = {"log": _send_log, "noop": _send_noop}
 
-NOTIFIER_DRIVERS: dict[str, SendFn] = {
-    "messagingv2": _send_messaging(_TRANSPORT_VERSIONS["messagingv2"]),
-    "messaging": _send_messaging(_TRANSPORT_VERSIONS["messaging"]),
-    "log": _send_log,
-    "noop": _send_noop,
-}
+#: The notifier driver names, oslo.messaging's.
+NOTIFIER_DRIVERS: tuple[str, ...] = (*_TRANSPORT_VERSIONS, *_LOCAL_DRIVERS)
 
 
 def _context_dict(ctxt: Any, serializer: Any) -> dict[str, Any]:
@@ -118,7 +108,7 @@ class Notifier:
         # _deliver (and BackgroundNotifier's batches) call directly; (None, function) for log
         # and noop.
         self._sends = [(_TRANSPORT_VERSIONS[n], None) if n in _TRANSPORT_VERSIONS
-                       else (None, NOTIFIER_DRIVERS[n]) for n in names]
+                       else (None, _LOCAL_DRIVERS[n]) for n in names]
         self._serializer = serializer or NoOpSerializer()
         self.stats = PublisherStats()
         self._target_cache: dict[str, list[Target]] = {}
@@ -176,9 +166,8 @@ class Notifier:
                 if send is not None:
                     send(self, context, msg, wire_priority)
                 else:
-                    self.transport._send_notifications(
-                        self._target_cache.get(wire_priority) or self._targets(wire_priority),
-                        context, msg, version, self.retry)
+                    self.transport._send_notifications(self._targets(wire_priority), context,
+                                                       msg, version, self.retry)
             except MessageDeliveryFailure as exc:
                 self.stats.failed()
                 if self.raise_on_failure:

@@ -154,8 +154,7 @@ class Transport:
         Packed and encoded once: every target carries the same bytes. A target whose send
         fails for good raises MessageDeliveryFailure and the later ones are not tried.
         """
-        if not self._open:
-            self._ensure_open("send")
+        self._ensure_open("send")
         body, message_id = self._encode(ctxt, message, version)
         for target in targets:
             self._send_outgoing(OutgoingMessage(target.exchange or self.default_exchange,
