@@ -168,7 +168,7 @@ def drain(inbox: queue.Queue[tuple[str, str]], n: int,
 # -- names and shares (no broker needed) -------------------------------------------------------
 def test_queue_plan_refuses_names_amqp1_addresses_cannot_carry() -> None:
     from tidings.drivers.amqp1.topology import plan_queues
-    from tidings.transports.queues import QueueModel
+    from tidings.drivers._rabbitmq.queues import QueueModel
 
     plans = plan_queues(QueueModel(), [Binding("nova", "notifications.info")], "ceilo")
     assert [p.name for p in plans] == ["ceilo"]  # the core's oslo names, unchanged

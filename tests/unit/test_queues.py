@@ -7,21 +7,17 @@ from typing import Any
 
 import pytest
 
+from tidings.drivers._rabbitmq.queues import QUEUE_OPTIONS, QueueModel
 from tidings.transports.base import Binding, Capabilities, Option
 from tidings.transports.errors import InvalidTransportOption
-from tidings.transports.queues import (
-    QUEUE_OPTIONS,
-    RECONNECT_OPTIONS,
-    QueueModel,
-    reconnect_backoff,
-)
+from tidings.transports.transport import get_transport
 
 BINDINGS = [Binding("nova", "notifications.info"), Binding("cinder", "notifications.info"),
             Binding("nova", "notifications.error")]
 
 
 def _options(**given: str) -> dict[str, Any]:
-    declared: dict[str, Option[Any]] = {**QUEUE_OPTIONS, **RECONNECT_OPTIONS}
+    declared: dict[str, Option[Any]] = dict(QUEUE_OPTIONS)
     out = {k: o.default for k, o in declared.items()}
     out.update({k: declared[k].convert(k, v) for k, v in given.items()})
     return out
@@ -63,9 +59,10 @@ def test_negative_durations_are_refused(given: dict[str, str], message: str) -> 
         QueueModel.from_options(_options(**given))
 
 
-def test_reconnect_backoff() -> None:
-    assert reconnect_backoff(_options()) == (0.2, 5.0)
+def test_reconnect_backoff_is_a_core_option_checked_once() -> None:
+    t = get_transport("memory:///reconnect?reconnect_interval=0.5&reconnect_max_interval=2")
+    assert (t.options["reconnect_interval"], t.options["reconnect_max_interval"]) == (0.5, 2.0)
     with pytest.raises(InvalidTransportOption, match="must be a positive number"):
-        reconnect_backoff(_options(reconnect_interval="0"))
+        get_transport("memory://?reconnect_interval=0")
     with pytest.raises(InvalidTransportOption, match="must be at least"):
-        reconnect_backoff(_options(reconnect_interval="2", reconnect_max_interval="1"))
+        get_transport("memory://?reconnect_interval=2&reconnect_max_interval=1")

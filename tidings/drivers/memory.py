@@ -4,18 +4,18 @@ It models a broker rather than short-cutting one, so code tested on it behaves t
 RabbitMQ: queues bound to (exchange, routing key); the no-pool group shares one queue per routing
 key, created on first send so nothing sent before a listener starts is lost; each pool has its own
 queue bound to every routing key its members listen to; members of a queue get messages
-round-robin, never more than ``prefetch`` unsettled each; a closed listener's unsettled messages go
-back to the head of their queue for the others.
+round-robin, never more than ``prefetch`` unsettled each (the broker's own flow control, as
+RabbitMQ's basic.qos); a closed receiver's unsettled messages go back to the head of their queue
+for the others.
 
 Every ``memory://`` transport in a process with the same virtual host shares one broker, so a
 notifier and a listener built from separate transports reach each other; use a distinct virtual
 host (``memory:///test-1``) to isolate tests.
 
 It carries encoded bytes like a real broker (so size limits, malformed bodies and signatures
-behave as there). Its one real cost is that the sending and the listening thread share the GIL:
-acks and rejects made in the polling thread are therefore applied by its next ``poll()``, under
-the broker lock that call takes anyway, because a lock both threads take once per message
-convoys them into one thread switch per message, which costs more than the broker itself.
+behave as there). The core hands settlements over in batches on the poll thread, so one broker
+lock acquisition settles a batch; a lock taken per message would convoy the sending and the
+listening thread into one GIL hand-off per message.
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidings.transports.base import (
+    REQUEUE,
     Binding,
     Capabilities,
     Driver,
     IncomingMessage,
-    Listener,
+    Outcome,
     OutgoingMessage,
+    Receiver,
 )
 from tidings.transports.url import TransportURL
 
@@ -52,7 +54,7 @@ _Waiting = tuple[bytes, str, "dict[str, str] | None", bool]
 class _Queue:
     name: tuple[str, str]
     messages: deque[_Waiting] = field(default_factory=deque)
-    consumers: list[_MemoryListener] = field(default_factory=list)
+    consumers: list[_MemoryReceiver] = field(default_factory=list)
     next_consumer: int = 0
 
 
@@ -99,17 +101,17 @@ class _Broker:
         messages, consumers = q.messages, q.consumers
         if len(consumers) == 1:  # the common case, without the round-robin arithmetic
             member = consumers[0]
-            while messages and len(member._held) < member._prefetch:
-                member.deliver(_MemoryMessage(member, q, messages.popleft()))
+            while messages and member._unsettled < member._prefetch:
+                member.deliver(q, messages.popleft())
             return
         while messages and consumers:
             n = len(consumers)
             for i in range(n):
                 idx = (q.next_consumer + i) % n
                 member = consumers[idx]
-                if len(member._held) < member._prefetch:
+                if member._unsettled < member._prefetch:
                     q.next_consumer = (idx + 1) % n
-                    member.deliver(_MemoryMessage(member, q, messages.popleft()))
+                    member.deliver(q, messages.popleft())
                     break
             else:
                 return
@@ -127,65 +129,16 @@ def _broker_for(vhost: str) -> _Broker:
         return broker
 
 
-class _MemoryMessage(IncomingMessage):
-    """One copy of a message delivered to one member (each bound queue has its own copy).
-
-    Made at delivery, under the broker lock, so poll() only hands over what is ready.
-    """
-
-    __slots__ = ("_listener", "_queue", "_waiting")
-
-    def __init__(self, listener: _MemoryListener, queue: _Queue, waiting: _Waiting) -> None:
-        # (body, message_id, headers, redelivered). The base class by name: a zero-argument
-        # super() builds a proxy object per call on Python 3.11, once per delivered message.
-        IncomingMessage.__init__(self, *waiting)
-        self._listener = listener
-        self._queue = queue
-        self._waiting = waiting
-
-    def waiting(self) -> _Waiting:
-        """This copy as it goes back to the head of its queue: marked redelivered."""
-        body, message_id, headers, _ = self._waiting
-        return (body, message_id, headers, True)
-
-    def _ack(self) -> None:
-        """Ack or reject (the same here: the message is gone).
-
-        From the polling thread (where the core settles) this only notes the message; the next
-        poll() releases all of them under the one broker-lock acquisition it makes anyway. Taking
-        the broker lock once per message instead lets the sending and the listening thread
-        convoy on it, one GIL hand-off per message, which costs more than the whole broker.
-        From any other thread the message is released at once.
-        """
-        listener = self._listener
-        if threading.get_ident() == listener._poller:
-            listener._done.append(self)
-        else:
-            listener.release(self, requeue=False)
-
-    _reject = _ack
-
-    def _requeue(self) -> None:
-        self._listener.release(self, requeue=True)
-
-
-class _MemoryListener(Listener):
+class _MemoryReceiver(Receiver):
     def __init__(self, broker: _Broker, queues: list[_Queue], prefetch: int) -> None:
         self._broker = broker
         self._queues = queues
         self._prefetch = prefetch
-        # Delivered and not yet polled. The broker lock is held for a few list operations per
-        # message: each time the sending thread finds it taken, the two threads trade the GIL
-        # and then wait for each other, several context switches each time.
-        self._ready: deque[_MemoryMessage] = deque()
-        # Delivered and not yet settled, in delivery order (a dict keeps insertion order), so
-        # close() can put them back oldest first.
-        self._held: dict[_MemoryMessage, None] = {}
-        # Acks and rejects made in the polling thread (_MemoryMessage._ack), applied by its
-        # next poll() (or close()).
-        self._done: list[_MemoryMessage] = []
-        self._poller: int | None = None  # thread id of the last poll()
+        # Delivered by the broker and not yet received by the core.
+        self._ready: deque[IncomingMessage] = deque()
+        self._unsettled = 0  # delivered and not yet settled: the broker's flow control
         self._wakeup = threading.Condition(broker.lock)
+        self._interrupted = False
         self._closed = False
         with broker.lock:
             for q in queues:
@@ -193,68 +146,62 @@ class _MemoryListener(Listener):
             for q in queues:
                 broker.pump(q)
 
-    def deliver(self, msg: _MemoryMessage) -> None:
+    def deliver(self, q: _Queue, waiting: _Waiting) -> None:
         """Caller holds the broker lock."""
-        self._held[msg] = None
+        # (body, message_id, headers, redelivered); the queue is the token.
+        self._unsettled += 1
         ready = self._ready
-        ready.append(msg)
-        if len(ready) == 1:  # poll() only waits on an empty deque: wake it once
+        ready.append(IncomingMessage(*waiting, q))
+        if len(ready) == 1:  # receive() only waits on an empty deque: wake it once
             self._wakeup.notify()
 
-    def _release_done(self) -> None:
-        """Apply the acks and rejects noted by _MemoryMessage._ack. Caller holds the broker
-        lock."""
-        done, self._done = self._done, []
-        held = self._held
-        for msg in done:
-            held.pop(msg, None)
-        for q in self._queues:  # room was made: let waiting messages in
-            if q.messages:
-                self._broker.pump(q)
-
-    def release(self, msg: _MemoryMessage, requeue: bool) -> None:
-        with self._broker.lock:
-            if msg not in self._held:
-                return
-            del self._held[msg]
-            if requeue:
-                msg._queue.messages.appendleft(msg.waiting())
-                self._broker.pump(msg._queue)
-            for q in self._queues:  # room was made: let waiting messages in
-                if q.messages:
-                    self._broker.pump(q)
-
-    def poll(self, timeout: float) -> Sequence[IncomingMessage]:
-        self._poller = threading.get_ident()
+    def receive(self, max_messages: int, timeout: float) -> Sequence[IncomingMessage]:
         with self._wakeup:
-            if self._done:
-                self._release_done()
             ready = self._ready
-            if not ready and not self._closed:
+            if not ready and not self._closed and not self._interrupted:
                 self._wakeup.wait(timeout)
-            out = list(ready)
-            ready.clear()
-        # A close() from now on hands these back too: their settlement is then a no-op.
+            self._interrupted = False
+            if len(ready) <= max_messages:
+                out = list(ready)
+                ready.clear()
+            else:
+                out = [ready.popleft() for _ in range(max_messages)]
         return out
 
+    def interrupt(self) -> None:
+        with self._wakeup:
+            self._interrupted = True
+            self._wakeup.notify()
+
+    def settle(self, outcomes: Sequence[Outcome]) -> None:
+        broker = self._broker
+        with broker.lock:
+            self._unsettled -= len(outcomes)
+            # Requeued messages go back to the head of their queue, the oldest first.
+            for msg, how in reversed(outcomes):
+                if how == REQUEUE:
+                    q = msg.token
+                    q.messages.appendleft((msg.body, msg.message_id, msg.headers or None, True))
+            for q in self._queues:  # room was made: let waiting messages in
+                if q.messages:
+                    broker.pump(q)
+
     def close(self) -> None:
-        with self._broker.lock:
+        broker = self._broker
+        with broker.lock:
             if self._closed:
                 return
             self._closed = True
-            self._poller = None  # from now on an ack or reject releases at once
             for q in self._queues:
                 if self in q.consumers:
                     q.consumers.remove(self)
-            self._done.clear()  # acked or rejected: dropped below, by their settled state
-            # Unsettled messages (polled or not) go back to the head of their queue, oldest first.
-            for msg in reversed(self._held):
-                if msg._claim_for_return() == "requeue":  # not acked or rejected first: back
-                    msg._queue.messages.appendleft(msg.waiting())
-            self._held.clear()
+            # Delivered but never received by the core: back to the head of their queue.
+            for msg in reversed(self._ready):
+                msg.token.messages.appendleft((msg.body, msg.message_id, msg.headers or None,
+                                               True))
             self._ready.clear()
             for q in self._queues:
-                self._broker.pump(q)
+                broker.pump(q)
             self._wakeup.notify_all()
 
 
@@ -272,11 +219,15 @@ class MemoryDriver(Driver):
         super().__init__(url, options)
         self._broker = _broker_for(url.virtual_host or "")
 
-    def send(self, message: OutgoingMessage, timeout: float | None = None) -> None:
-        self._broker.publish(message)
+    def send_batch(self, messages: Sequence[OutgoingMessage],
+                   timeout: float | None) -> list[BaseException | None]:
+        publish = self._broker.publish
+        for message in messages:
+            publish(message)
+        return [None] * len(messages)
 
     def listen(self, bindings: Sequence[Binding], pool: str | None,
-               prefetch: int) -> Listener:
+               prefetch: int) -> Receiver:
         b = self._broker
         with b.lock:
             queues: list[_Queue] = []
@@ -286,4 +237,4 @@ class MemoryDriver(Driver):
                 b.bind(q, binding.exchange, binding.routing_key)
                 if q not in queues:
                     queues.append(q)
-            return _MemoryListener(b, queues, prefetch)
+            return _MemoryReceiver(b, queues, prefetch)

@@ -31,6 +31,9 @@ class NotificationResult:
     REQUEUE = "requeue"
     #: Not returned by endpoints: the dispatcher's verdict when an endpoint raised.
     FAILED = "failed"
+    #: Not returned by endpoints: no endpoint handles the message's priority. Requeueing it
+    #: would bring it straight back, so it is rejected whatever ``allow_requeue`` says.
+    UNHANDLED = "unhandled"
 
 
 Callback = tuple[NotificationFilter | None, Callable[..., Any], str]
@@ -86,9 +89,7 @@ class NotificationDispatcher:
         """Run the endpoints for one notification and return a NotificationResult value."""
         callbacks = self._callbacks.get(note.priority)
         if callbacks is None:
-            LOG.warning("notification %s has priority %r that no endpoint handles",
-                        note.metadata.get("message_id"), note.priority)
-            return NotificationResult.FAILED
+            return NotificationResult.UNHANDLED
         for rule, method, name in callbacks:
             if rule is not None and not self._matches(rule, note):  # no call without a rule
                 continue
@@ -118,9 +119,7 @@ class BatchNotificationDispatcher(NotificationDispatcher):
             verdict = NotificationResult.HANDLED
             callbacks = self._callbacks.get(priority)
             if callbacks is None:
-                LOG.warning("%d notification(s) with priority %r that no endpoint handles",
-                            len(items), priority)
-                verdict = NotificationResult.FAILED
+                verdict = NotificationResult.UNHANDLED
             for rule, method, name in callbacks or ():
                 chosen = [n.as_dict() for _, n in items if self._matches(rule, n)]
                 if not chosen:

@@ -6,7 +6,10 @@ Settlement policy (documented in the README):
 * an endpoint returned REQUEUE or raised -> requeue if ``allow_requeue=True``; otherwise the
   message is rejected (dead-lettered where the driver can) and logged with its id, never
   acknowledged as if it had been processed (oslo.messaging acks it and it is gone);
-* the body cannot be decoded -> rejected and logged with its id; the listener keeps going.
+* no endpoint handles the message's priority -> rejected and logged (a requeue would only
+  bring it straight back);
+* the body cannot be decoded or its signature checked -> rejected and logged with its id; the
+  listener keeps going, and no other message is touched.
 """
 
 from __future__ import annotations
@@ -22,11 +25,9 @@ from tidings.notify.dispatcher import (
     NotificationDispatcher,
     NotificationResult,
 )
-from tidings.notify.executors import check_executor
+from tidings.notify.executors import DEFAULT_POOL_SIZE, workers_for
 from tidings.transports.base import Binding, IncomingMessage
-from tidings.transports.consumer import PollLoop
 from tidings.transports.envelope import Notification
-from tidings.transports.errors import MalformedMessage
 from tidings.transports.transport import Target, Transport
 
 __all__ = ["NotificationListener", "get_batch_notification_listener",
@@ -47,7 +48,8 @@ class NotificationListener:
     def __init__(self, transport: Transport, targets: Sequence[Target],
                  dispatcher: NotificationDispatcher, *, allow_requeue: bool = False,
                  pool: str | None = None, batch_size: int | None = None,
-                 batch_timeout: float | None = None, prefetch: int | None = None) -> None:
+                 batch_timeout: float | None = None, prefetch: int | None = None,
+                 workers: int = 0) -> None:
         self.transport = transport
         self.targets = list(targets)
         self.dispatcher = dispatcher
@@ -59,9 +61,10 @@ class NotificationListener:
         handle = self._handle_batch if batch else self._handle
         if batch and batch_size is None and batch_timeout is None:
             batch_size = 1
-        self._loop = PollLoop(lambda: transport.listen(self.bindings, pool, prefetch), handle,
-                              name=f"tidings-listener-{pool or 'group'}",
-                              batch_size=batch_size, batch_timeout=batch_timeout)
+        self._loop = transport.consumer(self.bindings, pool, handle,
+                                        name=f"tidings-listener-{pool or 'group'}",
+                                        prefetch=prefetch, workers=workers,
+                                        batch_size=batch_size, batch_timeout=batch_timeout)
         self.stats = self._loop.stats
 
     def start(self) -> None:
@@ -83,87 +86,92 @@ class NotificationListener:
     # -- turning messages into outcomes --------------------------------------------------
     def _decode(self, msg: IncomingMessage) -> Notification | None:
         """The notification in ``msg`` with the serializer applied, or None once ``msg`` was
-        rejected (logged with its id) because it is not one."""
+        rejected (logged with its id) because it is not one. Any error counts: a body that
+        breaks the decoder or the serializer in an unforeseen way is this message's problem
+        alone."""
         try:
             note = Notification.from_wire(self.transport.decode(msg))
-        except MalformedMessage as exc:
+        except Exception as exc:
             self._reject_malformed(msg, exc)
             return None
-        return self._prepare(msg, note)
-
-    def _reject_malformed(self, msg: IncomingMessage, exc: MalformedMessage) -> None:
-        LOG.error("rejecting malformed message %s: %s", msg.message_id or "(no id)", exc)
-        self._settle(msg, "reject")
-
-    def _prepare(self, msg: IncomingMessage, note: Notification) -> Notification | None:
+        if self.dispatcher.plain:
+            return note
         try:
             return self.dispatcher.prepare(note)
         except Exception:
             LOG.exception("serializer failed on message %s; rejecting it",
                           msg.message_id or note.metadata.get("message_id"))
-            self._settle(msg, "reject")
+            msg.reject()
             return None
 
-    def _settle(self, msg: IncomingMessage, how: str) -> None:
-        done = getattr(msg, how)()
-        if done:
-            self.stats.settled(how)
+    @staticmethod
+    def _reject_malformed(msg: IncomingMessage, exc: Exception) -> None:
+        LOG.error("rejecting malformed message %s: %s", msg.message_id or "(no id)", exc)
+        msg.reject()
 
     def _finish(self, msg: IncomingMessage, result: str, message_id: Any) -> None:
         if result == NotificationResult.HANDLED:
-            self._settle(msg, "ack")
+            msg.ack()
+        elif result == NotificationResult.UNHANDLED:
+            LOG.error("notification %s has a priority no endpoint handles: rejecting it "
+                      "(dead-lettered where the driver can)", message_id)
+            msg.reject()
         elif self.allow_requeue:
-            self._settle(msg, "requeue")
+            msg.requeue()
         else:
             reason = "asked for a requeue" if result == NotificationResult.REQUEUE else "failed"
             LOG.error("notification %s %s and allow_requeue is False: rejecting it "
                       "(dead-lettered where the driver can)", message_id, reason)
-            self._settle(msg, "reject")
+            msg.reject()
 
     def _handle(self, messages: list[IncomingMessage]) -> None:
-        # One pass per poll's worth of messages: the tracing check and the statistics lock are
-        # taken once for the lot, and the common outcome (handled -> ack) skips _finish().
-        # _decode() is inlined: two calls fewer per message, and none into a serializer that
-        # would change nothing.
+        # One pass over what the consumer hands over (a poll's worth inline, one message on a
+        # worker): the tracing check and the statistics lock are taken once for the lot, and
+        # the common outcome (handled -> ack) skips _finish().
         dispatch = self.dispatcher.dispatch
         decode = self.transport.decode
         from_wire = Notification.from_wire
         plain = self.dispatcher.plain
         clock = time.perf_counter
         traced = tracing.active()
-        count = acked = 0
+        count = 0
         total = longest = 0.0
         try:
             for msg in messages:
-                try:
-                    note = from_wire(decode(msg))
-                except MalformedMessage as exc:
-                    self._reject_malformed(msg, exc)
-                    continue
-                if not plain:
-                    prepared = self._prepare(msg, note)
+                if plain:
+                    try:
+                        note = from_wire(decode(msg))
+                    except Exception as exc:
+                        self._reject_malformed(msg, exc)
+                        continue
+                else:
+                    prepared = self._decode(msg)
                     if prepared is None:
                         continue
                     note = prepared
                 began = clock()
-                if traced:
-                    with tracing.process_span(note.ctxt, note.event_type,
-                                              note.metadata.get("message_id") or msg.message_id):
+                try:
+                    if traced:
+                        with tracing.process_span(note.ctxt, note.event_type,
+                                                  note.metadata.get("message_id")
+                                                  or msg.message_id):
+                            result = dispatch(note)
+                    else:
                         result = dispatch(note)
-                else:
-                    result = dispatch(note)
+                except Exception:  # the dispatcher catches endpoints; this is anything else
+                    LOG.exception("dispatching message %s failed", msg.message_id)
+                    result = NotificationResult.FAILED
                 took = clock() - began
                 count += 1
                 total += took
                 if took > longest:
                     longest = took
                 if result == NotificationResult.HANDLED:
-                    if msg.ack():
-                        acked += 1
+                    msg.ack()
                 else:
                     self._finish(msg, result, note.metadata.get("message_id") or msg.message_id)
         finally:
-            self.stats.handled_batch(count, total, longest, acked)
+            self.stats.handled_batch(count, total, longest)
 
     def _handle_batch(self, messages: list[IncomingMessage]) -> None:
         decoded = [(msg, note) for msg in messages if (note := self._decode(msg)) is not None]
@@ -179,8 +187,9 @@ class NotificationListener:
 
 
 def _build(transport: Transport, targets: Sequence[Target], dispatcher: NotificationDispatcher,
-           executor: str, allow_requeue: bool, pool: str | None, **kw: Any) -> NotificationListener:
-    check_executor(executor)
+           executor: str | None, allow_requeue: bool, pool: str | None, pool_size: int,
+           **kw: Any) -> NotificationListener:
+    workers = workers_for(executor, pool_size)
     if isinstance(targets, Target):
         targets = [targets]
     if not targets or not all(isinstance(t, Target) for t in targets):
@@ -191,29 +200,37 @@ def _build(transport: Transport, targets: Sequence[Target], dispatcher: Notifica
     transport.check_features(pool=pool, allow_requeue=allow_requeue)
     transport._ensure_open("listen")
     return NotificationListener(transport, targets, dispatcher, allow_requeue=allow_requeue,
-                                pool=pool, **kw)
+                                pool=pool, workers=workers, **kw)
 
 
 def get_notification_listener(transport: Transport, targets: Sequence[Target],
-                              endpoints: Sequence[Any], executor: str = "threading",
+                              endpoints: Sequence[Any], executor: str | None = "threading",
                               serializer: Any = None, allow_requeue: bool = False,
                               pool: str | None = None, *,
-                              prefetch: int | None = None) -> NotificationListener:
+                              prefetch: int | None = None,
+                              executor_thread_pool_size: int = DEFAULT_POOL_SIZE,
+                              ) -> NotificationListener:
     """Build a listener that calls ``endpoints`` once per notification.
 
+    ``executor="threading"`` (the default; None means the same) runs endpoints on up to
+    ``executor_thread_pool_size`` threads at once, each message settled right after its own
+    endpoints returned; never more than ``prefetch`` are in flight. ``executor="blocking"``
+    runs them one at a time, in arrival order, on the listener's own thread.
     Raises NotImplementedError here if ``pool`` or ``allow_requeue=True`` is asked of a driver
     that lacks it. ``prefetch`` overrides the transport's bound on unacknowledged messages.
     """
     return _build(transport, targets, NotificationDispatcher(endpoints, serializer), executor,
-                  allow_requeue, pool, prefetch=prefetch)
+                  allow_requeue, pool, executor_thread_pool_size, prefetch=prefetch)
 
 
 def get_batch_notification_listener(transport: Transport, targets: Sequence[Target],
-                                    endpoints: Sequence[Any], executor: str = "threading",
+                                    endpoints: Sequence[Any], executor: str | None = "threading",
                                     serializer: Any = None, allow_requeue: bool = False,
                                     pool: str | None = None, batch_size: int | None = None,
                                     batch_timeout: float | None = None, *,
-                                    prefetch: int | None = None) -> NotificationListener:
+                                    prefetch: int | None = None,
+                                    executor_thread_pool_size: int = DEFAULT_POOL_SIZE,
+                                    ) -> NotificationListener:
     """Build a listener that calls endpoints with lists of up to ``batch_size`` notifications,
     flushing a partial batch after ``batch_timeout`` seconds.
 
@@ -225,5 +242,6 @@ def get_batch_notification_listener(transport: Transport, targets: Sequence[Targ
     if prefetch is None and batch_size is not None:
         prefetch = max(batch_size, transport.options["prefetch"])
     return _build(transport, targets, BatchNotificationDispatcher(endpoints, serializer),
-                  executor, allow_requeue, pool, batch_size=batch_size,
+                  executor, allow_requeue, pool, executor_thread_pool_size,
+                  batch_size=batch_size,
                   batch_timeout=batch_timeout, prefetch=prefetch)

@@ -31,7 +31,13 @@ from tidings.notify.listener import (
 )
 from tidings.notify.notifier import Notifier
 from tidings.transports import envelope
-from tidings.transports.base import Binding, Capabilities, IncomingMessage, Listener
+from tidings.transports.base import (
+    REQUEUE,
+    Binding,
+    Capabilities,
+    IncomingMessage,
+    Receiver,
+)
 from tidings.transports.transport import (
     ConsumerPoolHandle,
     Target,
@@ -199,6 +205,54 @@ class RecordingBatchEndpoint:
         return method
 
 
+class RawListener:
+    """A driver's receiver driven by hand, as the core drives it, for driver-level scenarios.
+
+    ``poll()`` first hands the settlements made since the last call to ``settle()``, then asks
+    for at most ``prefetch`` minus what it holds; ``close()`` hands back what is unsettled as
+    ``REQUEUE`` and closes. Settle messages with their ``ack()``, ``requeue()``, ``reject()``.
+    """
+
+    def __init__(self, receiver: Receiver, prefetch: int) -> None:
+        self.receiver = receiver
+        self.prefetch = prefetch
+        self.held: dict[IncomingMessage, None] = {}
+        self._settled: list[IncomingMessage] = []
+        self._closed = False
+
+    def _flush(self) -> None:
+        done = list(self._settled)
+        del self._settled[:len(done)]
+        batch = [(m, m.settled or REQUEUE) for m in done if self.held.pop(m, 0) is None]
+        if batch:
+            self.receiver.settle(batch)
+
+    def poll(self, timeout: float) -> list[IncomingMessage]:
+        self._flush()
+        room = self.prefetch - len(self.held)
+        if room <= 0:
+            time.sleep(min(timeout, 0.05))
+            return []
+        got = list(self.receiver.receive(room, timeout))
+        assert len(got) <= room, (f"receive({room}, ...) returned {len(got)} messages: a driver "
+                                  f"must never return more than the core asks for")
+        for msg in got:
+            msg._sink = self._settled.append
+            self.held[msg] = None
+        return got
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._flush()
+        returned = [(m, REQUEUE) for m in self.held if m._claim(REQUEUE)]
+        self.held.clear()
+        if returned:
+            self.receiver.settle(returned)
+        self.receiver.close()
+
+
 class Harness:
     """Builds everything a scenario needs from one fresh URL and tears it all down after.
 
@@ -215,7 +269,7 @@ class Harness:
         self._transports: list[Transport] = []
         self._listeners: list[NotificationListener] = []
         self._handles: list[ConsumerPoolHandle] = []
-        self._raw: list[Listener] = []
+        self._raw: list[RawListener] = []
         probe = self.transport()
         self.capabilities: Capabilities = probe.capabilities
         self.driver_name = probe.driver_name
@@ -315,12 +369,13 @@ class Harness:
 
     # -- driver level -------------------------------------------------------------------
     def raw_listener(self, transport: Transport, bindings: Sequence[Binding],
-                     pool: str | None = None, prefetch: int | None = None) -> Listener:
-        listener = transport.listen(list(bindings), pool, prefetch)
+                     pool: str | None = None, prefetch: int | None = None) -> RawListener:
+        count = transport.options["prefetch"] if prefetch is None else prefetch
+        listener = RawListener(transport.listen(list(bindings), pool, count), count)
         self._raw.append(listener)
         return listener
 
-    def close_raw(self, listener: Listener) -> None:
+    def close_raw(self, listener: RawListener) -> None:
         listener.close()
         if listener in self._raw:
             self._raw.remove(listener)
@@ -345,7 +400,7 @@ class Harness:
             message_id, body = self.wire(key)
             transport.send_raw(target, body, message_id=message_id, retry=3)
 
-    def poll_until(self, listener: Listener, count: int,
+    def poll_until(self, listener: RawListener, count: int,
                    timeout: float | None = None) -> list[IncomingMessage]:
         """Poll until ``count`` messages have come (more may come in the last poll)."""
         got: list[IncomingMessage] = []
@@ -359,7 +414,7 @@ class Harness:
             got.extend(listener.poll(min(0.2, left)))
         return got
 
-    def poll_quiet(self, listener: Listener, window: float | None = None) -> list[IncomingMessage]:
+    def poll_quiet(self, listener: RawListener, window: float | None = None) -> list[IncomingMessage]:
         """Everything that arrives within ``window`` seconds (expected: nothing)."""
         got: list[IncomingMessage] = []
         deadline = time.monotonic() + (self.quiet if window is None else window)

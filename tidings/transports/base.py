@@ -1,9 +1,12 @@
 """The driver contract: what a transport driver implements, and nothing more.
 
 A driver moves encoded bytes between the core and one kind of broker. Everything that is the same
-on every broker (URL parsing, option checking, capability checks, envelopes, retry policy,
-dispatch, the once-only settlement of a message) lives in the core, so a driver stays small and a
-third party can write one from this module alone. See docs/drivers.md for a walk-through.
+on every broker lives in the core, once: URL parsing, option checking, capability checks,
+envelopes, the retry policy, reconnecting with backoff, dispatch on a worker pool, prefetch, the
+set of messages a listener holds, once-only settlement and returning unsettled messages on close.
+A driver therefore stays small, and a third party can write one from this module alone (see
+docs/drivers.md for a walk-through). The shape follows Go CDK's ``pubsub/driver``: batches in,
+batches out, and the portable logic on the other side of the line.
 
 The contract, in short::
 
@@ -12,17 +15,22 @@ The contract, in short::
         capabilities = Capabilities(pools=True, requeue=True, ...)
         options = {"heartbeat": Option(int, 60, "seconds between heartbeats")}
 
-        def __init__(self, url, options): ...            # no I/O needed here
-        def send(self, message: OutgoingMessage) -> None  # one attempt; raise on failure
-        def listen(self, bindings, pool, prefetch) -> Listener
-        def cleanup(self) -> None
+        def __init__(self, url, options): ...                         # no I/O needed here
+        def send_batch(self, messages, timeout) -> list[BaseException | None]   # one attempt each
+        def retryable(self, exc) -> bool                              # optional
+        def listen(self, bindings, pool, prefetch) -> Receiver        # subscription in place
+        def cleanup(self) -> None                                     # optional
 
-    class MyListener(Listener):
-        def poll(self, timeout) -> list[IncomingMessage]  # block up to timeout
-        def close(self) -> None                            # unsettled messages go back
+    class MyReceiver(Receiver):
+        def receive(self, max_messages, timeout) -> list[IncomingMessage]  # block up to timeout
+        def settle(self, outcomes) -> None      # [(message, ACK | REQUEUE | REJECT), ...]
+        def close(self) -> None                 # stop consuming; the broker keeps the rest
+        def interrupt(self) -> None             # optional, any thread: end a blocked receive()
 
-    class MyMessage(IncomingMessage):
-        def _ack(self) / _requeue(self) / _reject(self)    # called at most once, by the core
+Every ``Receiver`` call comes from the core's poll thread for that listener, one at a time, except
+``interrupt()``. A lost connection is reported by raising (``TransportUnreachable``) from
+``receive()`` or ``settle()``: the core drops what the lost connection delivered (the broker
+delivers it again), closes the receiver and calls ``listen()`` again under its backoff.
 """
 
 from __future__ import annotations
@@ -36,16 +44,26 @@ from typing import Any, ClassVar, Generic, TypeVar
 from tidings.transports.url import TransportURL
 
 __all__ = [
+    "ACK",
+    "REJECT",
+    "REQUEUE",
     "Binding",
     "Capabilities",
     "Driver",
     "IncomingMessage",
-    "Listener",
     "Option",
     "OutgoingMessage",
+    "Receiver",
 ]
 
 T = TypeVar("T")
+
+ACK = "ack"
+"""Outcome: the message is done; the broker forgets it."""
+REQUEUE = "requeue"
+"""Outcome: hand the message back for another delivery (to any member of its group or pool)."""
+REJECT = "reject"
+"""Outcome: drop the message, or dead-letter it where the driver and broker can."""
 
 
 @dataclass(frozen=True)
@@ -161,95 +179,131 @@ class OutgoingMessage:
 _SETTLE_LOCK = threading.Lock()
 
 
-class IncomingMessage(abc.ABC):
-    """A message a listener received; the core settles it exactly once.
+class IncomingMessage:
+    """One delivery, built by a driver's ``receive()``; the core settles it exactly once.
 
-    The public ``ack()``, ``requeue()`` and ``reject()`` are implemented here: the first call wins
-    and later ones are no-ops, so no driver ever sends a second settlement (which on RabbitMQ
-    closes the channel). Drivers implement only ``_ack``, ``_requeue`` and ``_reject``, which the
-    core calls at most once per message. They may be called from any thread; a driver whose
-    connection is single-threaded queues them and performs them in its next ``poll()`` or in
-    ``close()``.
+    A driver fills in what the broker said (``body``, ``message_id``, ``headers``,
+    ``redelivered`` and, where the broker counts them, ``delivery_count``) and keeps whatever it
+    needs to settle the delivery later in ``token`` (a delivery tag, a stream entry id, a
+    (sender, sequence) pair). A delivery the driver cannot unwrap (headers that are not a
+    mapping, a property it cannot read) is still returned, with ``problem`` saying what is wrong:
+    the core rejects it and logs its id, and the other deliveries of the batch go on as usual.
+
+    ``ack()``, ``requeue()`` and ``reject()`` may be called from any thread: the first call wins,
+    later ones return False, and the outcome goes to the core's settlement queue, which hands it
+    to the driver's ``settle()`` on the poll thread. No driver ever sees a second settlement of
+    one message (which on RabbitMQ closes the channel).
     """
 
-    __slots__ = ("_settled", "body", "headers", "message_id", "redelivered")
+    __slots__ = ("_settled", "_sink", "body", "delivery_count", "headers", "message_id",
+                 "problem", "redelivered", "token")
 
     def __init__(self, body: bytes, message_id: str | None = None,
-                 headers: Mapping[str, Any] | None = None, redelivered: bool = False) -> None:
+                 headers: Mapping[str, Any] | None = None, redelivered: bool = False,
+                 token: Any = None, delivery_count: int | None = None) -> None:
         self.body = body
         self.message_id = message_id
-        self.headers = dict(headers) if headers else {}
         self.redelivered = redelivered
+        self.token = token
+        self.delivery_count = delivery_count
+        self.problem: str | None = None
         self._settled: str | None = None
+        self._sink: Callable[[IncomingMessage], None] | None = None
+        if not headers:
+            self.headers: dict[str, Any] = {}
+        elif isinstance(headers, Mapping):
+            self.headers = dict(headers)
+        else:
+            self.headers = {}
+            self.problem = f"its headers are a {type(headers).__name__}, not a mapping"
 
     @property
     def settled(self) -> str | None:
         """``'ack'``, ``'requeue'``, ``'reject'`` or None while the message is still unsettled."""
         return self._settled
 
-    def _settle(self, how: str, action: Callable[[], None]) -> bool:
+    def _settle(self, how: str) -> bool:
         with _SETTLE_LOCK:
             if self._settled is not None:
                 return False
             self._settled = how
-        action()
+        sink = self._sink
+        if sink is not None:
+            sink(self)
         return True
 
-    def _claim_for_return(self) -> str:
-        """For a driver's ``close()``, which hands its unsettled messages back to the broker
-        itself: mark this message requeued unless it was settled first, and return how it is
-        settled now (``'requeue'`` unless an ack or reject won). No ``_requeue()`` follows."""
+    def _claim(self, how: str) -> bool:
+        """The core's close path: settle as ``how`` unless settled first, without queueing it
+        (the caller hands it to the driver itself). True if this call settled it."""
         with _SETTLE_LOCK:
-            if self._settled is None:
-                self._settled = "requeue"
-            return self._settled
+            if self._settled is not None:
+                return False
+            self._settled = how
+            return True
 
     def ack(self) -> bool:
         """Acknowledge: the message is done. Returns False if it was already settled."""
-        return self._settle("ack", self._ack)
+        return self._settle(ACK)
 
     def requeue(self) -> bool:
         """Hand the message back for another delivery. Returns False if already settled."""
-        return self._settle("requeue", self._requeue)
+        return self._settle(REQUEUE)
 
     def reject(self) -> bool:
         """Drop the message, or dead-letter it where the driver can. False if already settled."""
-        return self._settle("reject", self._reject)
-
-    @abc.abstractmethod
-    def _ack(self) -> None: ...
-
-    @abc.abstractmethod
-    def _requeue(self) -> None: ...
-
-    @abc.abstractmethod
-    def _reject(self) -> None: ...
+        return self._settle(REJECT)
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} id={self.message_id!r} bytes={len(self.body)} "
                 f"settled={self._settled!r}>")
 
 
-class Listener(abc.ABC):
-    """A driver's consumer for a set of bindings, optionally as a member of a pool.
+Outcome = tuple[IncomingMessage, str]
+"""A message and how to settle it: ``ACK``, ``REQUEUE`` or ``REJECT``."""
 
-    ``poll()`` is called by the core from one thread at a time. A listener must never hold more
-    than ``prefetch`` unsettled messages; messages it still holds when ``close()`` is called go
-    back to the broker (or, for a brokerless driver, to another member) as if requeued.
+
+class Receiver(abc.ABC):
+    """A driver's consumer for a set of bindings, as the no-pool group or a member of a pool.
+
+    The core decides how many messages the listener holds (it never asks for more than
+    ``prefetch`` minus what it holds), keeps them, settles each once and gives the unsettled
+    ones back before ``close()``. The receiver only moves deliveries and outcomes.
     """
 
     @abc.abstractmethod
-    def poll(self, timeout: float) -> Sequence[IncomingMessage]:
-        """Wait up to ``timeout`` seconds for messages; return those available (maybe none).
+    def receive(self, max_messages: int, timeout: float) -> Sequence[IncomingMessage]:
+        """Wait up to ``timeout`` seconds for deliveries; return at most ``max_messages``.
 
-        Return as soon as at least one message is there; never block longer than ``timeout``,
-        so the core can stop a listener promptly. A lost connection is the driver's to repair
-        here (reconnect, redeclare, resume); raise only when it cannot go on.
+        Return as soon as at least one is there (with whatever else is already buffered, up to
+        ``max_messages``), and never block longer than ``timeout``: that is how the core stops
+        promptly and gets settlements out. Deliveries beyond ``max_messages`` that the broker
+        already pushed stay buffered in the receiver for the next call. Raise
+        ``TransportUnreachable`` when the connection is lost: the core reconnects.
+        """
+
+    @abc.abstractmethod
+    def settle(self, outcomes: Sequence[Outcome]) -> None:
+        """Apply ``outcomes`` (each message of this receiver, once) on the broker.
+
+        Called on the poll thread with every settlement made since the last call, in the order
+        they were made. How to batch them (one ``basic.ack multiple``, one XACK of many ids) is
+        the driver's choice. The core hands back every unsettled message as ``REQUEUE`` before
+        ``close()``. Raise ``TransportUnreachable`` when the connection is lost.
         """
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Stop consuming, perform pending settlements, return unsettled messages. Idempotent."""
+        """Stop consuming and release the connection. Deliveries the core never received
+        (still buffered here) go back to the broker. Idempotent; must not hang on a dead
+        connection."""
+
+    def interrupt(self) -> None:  # noqa: B027 - optional hook
+        """Optional, from any thread: make a blocked (or the next) ``receive()`` return now.
+
+        The core calls it when a settlement arrives while the poll thread waits in
+        ``receive()``. A receiver that does not implement it gets short ``receive()`` timeouts
+        whenever settlements may come, so they wait at most that long.
+        """
 
 
 class Driver(abc.ABC):
@@ -271,40 +325,32 @@ class Driver(abc.ABC):
         self.conf = dict(options)
 
     @abc.abstractmethod
-    def send(self, message: OutgoingMessage, timeout: float | None = None) -> None:
-        """Deliver one message, one attempt. Return when the broker has it (if it confirms).
+    def send_batch(self, messages: Sequence[OutgoingMessage],
+                   timeout: float | None) -> list[BaseException | None]:
+        """Deliver each message in one attempt; one result per message, in order: None when
+        the broker has it (confirmed, where the broker confirms), else the exception.
 
-        Raise :class:`~tidings.transports.errors.TransportUnreachable` when the broker cannot be
-        reached or did not confirm, so the core's retry policy decides whether to try again;
-        raise anything else for errors a retry cannot fix. ``timeout`` bounds the attempt.
+        Publish them all before waiting for confirmations where the broker confirms
+        asynchronously, so a batch costs one round trip. ``timeout`` bounds the attempt.
+        Never retry here: the core retries the failures for which :meth:`retryable` is true,
+        under the caller's retry policy, and raises the others.
         """
 
-    def send_many(self, messages: Sequence[OutgoingMessage],
-                  timeout: float | None = None) -> list[BaseException | None]:
-        """Deliver several messages, one attempt each; one result per message, in order:
-        None when the broker has it, else the exception :meth:`send` would have raised.
+    def retryable(self, exc: BaseException) -> bool:
+        """Whether waiting and sending again might cure ``exc`` (by default:
+        ``TransportUnreachable``, i.e. the broker was unreachable or did not confirm)."""
+        from tidings.transports.errors import TransportUnreachable
 
-        Optional. A driver whose broker confirms asynchronously overrides it to publish them
-        all and then wait for the confirmations together (one round trip for the lot instead
-        of one each); this default sends them one by one. ``timeout`` bounds each message's
-        attempt; a pipelining driver may apply it to the batch as a whole.
-        The core (BackgroundNotifier) retries the failed ones under its retry policy.
-        """
-        results: list[BaseException | None] = []
-        for message in messages:
-            try:
-                self.send(message, timeout=timeout)
-            except Exception as exc:
-                results.append(exc)
-            else:
-                results.append(None)
-        return results
+        return isinstance(exc, TransportUnreachable)
 
     @abc.abstractmethod
     def listen(self, bindings: Sequence[Binding], pool: str | None,
-               prefetch: int) -> Listener:
+               prefetch: int) -> Receiver:
         """Start consuming ``bindings``: as the no-pool group when ``pool`` is None, else as a
-        member of ``pool``. The core calls this only for features declared in capabilities."""
+        member of ``pool``. Return only once the subscription is in place (a message sent after
+        this returns reaches the receiver). ``prefetch`` is what the core will hold at most;
+        use it for the broker's own flow control (basic.qos, link credit). The core calls this
+        only for features declared in capabilities, and again after a lost connection."""
 
     def cleanup(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads. Called once, by ``Transport.cleanup()``."""

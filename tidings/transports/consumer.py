@@ -1,8 +1,24 @@
-"""The one poll loop behind every consumer: notification listeners and join_consumer_pool.
+"""The one consumer behind every listener: notification listeners and join_consumer_pool.
 
-It owns the listener's lifecycle (start, stop, wait, restart) and batching, so both public
-consumers behave the same and no driver runs a loop of its own. Every driver call for one
-listener (poll, settlements done inline, close) comes from this loop's thread.
+Everything about receiving that is the same on every broker happens here, once:
+
+* **prefetch**: the consumer never asks the driver for more than ``prefetch`` minus what it
+  holds, so a listener's memory and its unacknowledged messages stay bounded;
+* **the held set**: every message received and not yet settled, in arrival order;
+* **once-only settlement**: ``IncomingMessage.ack()`` and friends (from any thread) put the
+  message on a settlement queue; the poll thread hands what is queued to the driver's
+  ``settle()`` as one batch;
+* **dispatch**: handlers run inline (``blocking``) or on a bounded worker pool (``threading``);
+* **isolation**: a delivery the driver could not unwrap is rejected alone, a handler that
+  raises rejects only the messages it was given;
+* **reconnecting**: when ``receive()`` or ``settle()`` raises, what the lost connection
+  delivered is forgotten (the broker delivers it again), and ``listen()`` is called again under
+  one exponential backoff (the URL's ``reconnect_interval`` and ``reconnect_max_interval``);
+* **closing**: queued work is dropped, running handlers finish, and every message still
+  unsettled goes back to the driver as ``REQUEUE`` before ``close()``: nothing is lost.
+
+Every driver call for one listener comes from this consumer's poll thread, except
+``Receiver.interrupt()``.
 """
 
 from __future__ import annotations
@@ -10,55 +26,90 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
-from tidings.transports.base import IncomingMessage, Listener
-from tidings.transports.errors import ListenerLifecycleError
+from tidings.transports.base import REJECT, REQUEUE, IncomingMessage, Receiver
+from tidings.transports.errors import ListenerLifecycleError, TransportUnreachable
+from tidings.transports.retry import Backoff
 from tidings.transports.stats import ConsumerStats
+from tidings.transports.workers import Inline, WorkerPool
 
-__all__ = ["PollLoop"]
+__all__ = ["Consumer", "Handler"]
 
 LOG = logging.getLogger(__name__)
 
 Handler = Callable[[list[IncomingMessage]], None]
+"""Takes messages and settles each one (ack, requeue or reject)."""
+
+# What the poll thread is doing, for a settlement made elsewhere: whether to wake it, and how.
+_BUSY, _WAITING, _RECEIVING = 0, 1, 2
 
 
-class PollLoop:
-    """Polls a driver listener in a thread and hands messages to ``handle`` in order.
+class Consumer:
+    """Receives from a driver in a thread and hands messages to ``handle``.
 
-    ``handle`` gets each poll's messages (or, with ``batch_size``, lists of at most that many,
-    flushed early after ``batch_timeout`` seconds) and must settle every message it gets.
-    Messages received but not yet handed over when the loop stops stay unsettled, so the
-    driver's ``close()`` returns them to the broker: nothing unacknowledged is lost.
+    Without batching, ``handle`` gets a poll's worth of messages when it runs inline, one message
+    per call on a worker pool (each settled right after its own handler). With ``batch_size``
+    or ``batch_timeout`` it gets lists of at most ``batch_size``, a partial one after
+    ``batch_timeout`` seconds.
     """
 
     poll_interval = 0.2
+    """Longest a receive() waits, so stop() is noticed within about this long."""
+    settle_interval = 0.05
+    """Longest a settlement waits while the poll thread is in a receive() it cannot interrupt."""
 
-    def __init__(self, open_listener: Callable[[], Listener], handle: Handler, *, name: str,
-                 batch_size: int | None = None, batch_timeout: float | None = None,
-                 stats: ConsumerStats | None = None) -> None:
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    def __init__(self, open_receiver: Callable[[], Receiver], handle: Handler, *, name: str,
+                 prefetch: int, workers: int = 0, batch_size: int | None = None,
+                 batch_timeout: float | None = None, stats: ConsumerStats | None = None,
+                 backoff: tuple[float, float] = (0.2, 5.0)) -> None:
+        if batch_size is not None and (isinstance(batch_size, bool)
+                                       or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer or None")
         if batch_timeout is not None and batch_timeout <= 0:
             raise ValueError(f"batch_timeout={batch_timeout!r} must be positive seconds or None")
-        self._open = open_listener
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch={prefetch!r} must be a positive integer")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers={workers!r} must be 0 (inline) or a positive integer")
+        self._open = open_receiver
         self._handle = handle
         self._name = name
+        self._prefetch = prefetch
+        self._workers = workers
         self._batch_size = batch_size
         self._batch_timeout = batch_timeout
+        self._batching = batch_size is not None or batch_timeout is not None
+        self._backoff = backoff
         self.stats = stats or ConsumerStats()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stopped = threading.Event()
-        self._stopped.set()
+        # Per run of the poll thread (reset by start()):
+        self._held: dict[IncomingMessage, None] = {}
+        self._settlements: deque[IncomingMessage] = deque()
+        self._wake = threading.Event()
+        self._state = _BUSY
+        self._receiver: Receiver | None = None
+        self._interruptible = False
+        self._executor: Inline | WorkerPool = Inline()
 
+    # -- lifecycle ----------------------------------------------------------------------
     @property
     def running(self) -> bool:
         return self._thread is not None and not self._stop.is_set()
 
+    @property
+    def held(self) -> int:
+        """How many messages the consumer holds now (received, not yet settled)."""
+        return len(self._held)
+
     def start(self) -> bool:
-        """Open the driver listener and start polling. A second start() is a no-op (False)."""
+        """Open the driver receiver and start polling. A second start() is a no-op (False).
+
+        Opening happens here, in the caller, so an unreachable broker or a refused declaration
+        fails loudly at start() instead of in a background thread."""
         with self._lock:
             if self.running:
                 LOG.debug("%s: start() while running is ignored", self._name)
@@ -69,86 +120,253 @@ class PollLoop:
         with self._lock:
             if self.running:
                 return False
-            listener = self._open()  # raises here, in the caller, if the broker is unreachable
+            receiver = self._open()
             self._stop.clear()
-            self._stopped.clear()
-            self._thread = threading.Thread(target=self._run, args=(listener,),
+            self._held = {}
+            self._settlements = deque()
+            self._state = _BUSY
+            self._executor = (WorkerPool(self._workers, f"{self._name}-worker")
+                              if self._workers else Inline())
+            self._thread = threading.Thread(target=self._run, args=(receiver,),
                                             name=self._name, daemon=True)
             self._thread.start()
             return True
 
     def stop(self) -> None:
-        """Ask the loop to stop after the message being handled; returns at once."""
+        """Stop receiving; returns at once. Handlers already running finish (wait() waits for
+        them); messages not yet handed to a handler go back to the broker."""
         self._stop.set()
+        self._wake.set()
+        receiver = self._receiver
+        if receiver is not None and self._interruptible:
+            try:
+                receiver.interrupt()
+            except Exception:
+                LOG.debug("%s: interrupting the receiver failed", self._name, exc_info=True)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the loop has stopped and its listener is closed.
+        """Wait until stopped, handlers finished and unsettled messages returned.
 
-        Returns True once stopped; False if ``timeout`` passed first (for instance wait()
-        before stop(): the loop keeps running until someone stops it).
-        """
+        True once stopped; False if ``timeout`` passed first (for instance wait() before stop():
+        the consumer keeps running until someone stops it)."""
         thread = self._thread
         if thread is None:
             return True
-        if thread is threading.current_thread():
+        if thread is threading.current_thread() or _is_worker_of(self._name):
             raise ListenerLifecycleError("wait() called from an endpoint of the same listener "
                                          "would wait forever; call stop() only")
         thread.join(timeout)
         return not thread.is_alive()
 
-    def _run(self, listener: Listener) -> None:
-        pending: list[IncomingMessage] = []
+    # -- settlements (any thread) -------------------------------------------------------
+    def _enqueue(self, msg: IncomingMessage) -> None:
+        """IncomingMessage's sink: queue its settlement and wake the poll thread if it waits."""
+        self._settlements.append(msg)
+        state = self._state
+        if state == _WAITING:
+            self._wake.set()
+        elif state == _RECEIVING and self._interruptible:
+            receiver = self._receiver
+            if receiver is not None:
+                receiver.interrupt()
+
+    def _flush(self, receiver: Receiver) -> None:
+        """Hand every queued settlement of a held message to the driver, as one batch."""
+        queued = self._settlements
+        held = self._held
+        batch = []
+        acks = requeues = rejects = dropped = 0
+        while queued:
+            msg = queued.popleft()
+            if held.pop(msg, 0) is not None:  # not ours any more: from a lost connection
+                dropped += 1
+                continue
+            how = msg._settled
+            batch.append((msg, how))
+            if how == REQUEUE:
+                requeues += 1
+            elif how == REJECT:
+                rejects += 1
+            else:
+                acks += 1
+        if dropped:
+            LOG.debug("%s: dropped %d settlement(s) of messages from a lost connection; the "
+                      "broker delivers them again", self._name, dropped)
+        if batch:
+            receiver.settle(batch)
+            self.stats.settled_many(acks, requeues, rejects)
+
+    # -- the poll thread ----------------------------------------------------------------
+    def _run(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+        self._interruptible = type(receiver).interrupt is not Receiver.interrupt
+        pending: list[IncomingMessage] = []  # batching: received, not yet a full batch
         first_at = 0.0
-        failures = 0
+        stop = self._stop
         try:
-            while not self._stop.is_set():
-                timeout = self.poll_interval
-                if pending and self._batch_timeout is not None:
-                    timeout = max(0.0, min(timeout, first_at + self._batch_timeout
-                                           - time.monotonic()))
+            while not stop.is_set():
                 try:
-                    got: Sequence[IncomingMessage] = listener.poll(timeout)
-                    failures = 0
-                except Exception:
-                    failures += 1
-                    LOG.exception("%s: poll failed (%d in a row); retrying", self._name, failures)
-                    self._stop.wait(min(5.0, 0.1 * 2 ** min(failures, 6)))
+                    if self._settlements:
+                        self._flush(receiver)
+                    room = self._prefetch - len(self._held)
+                    if room <= 0:
+                        self._wait_for_room()
+                        continue
+                    timeout = self.poll_interval
+                    if pending and self._batch_timeout is not None:
+                        timeout = max(0.0, min(timeout, first_at + self._batch_timeout
+                                               - time.monotonic()))
+                    if self._held and not self._interruptible:
+                        timeout = min(timeout, self.settle_interval)
+                    self._state = _RECEIVING
+                    if self._settlements:  # one arrived before the state said where we are
+                        timeout = 0.0
+                    try:
+                        got = receiver.receive(room, timeout)
+                    finally:
+                        self._state = _BUSY
+                except Exception as exc:
+                    pending.clear()
+                    receiver = self._reconnect(receiver, exc)
+                    if receiver is None:
+                        return
                     continue
                 if got:
-                    self.stats.received(len(got))
-                if self._batch_size is None and self._batch_timeout is None:
+                    got = self._accept(got, room)
+                if not self._batching:
                     if got:
-                        self._deliver(list(got))
+                        self._dispatch(got)
                     continue
                 if got:
                     if not pending:
                         first_at = time.monotonic()
                     pending.extend(got)
                 size = self._batch_size or len(pending) or 1
-                while len(pending) >= size and not self._stop.is_set():
+                while len(pending) >= size and not stop.is_set():
                     batch, pending = pending[:size], pending[size:]
                     first_at = time.monotonic()
-                    self._deliver(batch)
+                    self._executor.submit(self._call, batch)
                 if (pending and self._batch_timeout is not None
                         and time.monotonic() - first_at >= self._batch_timeout):
                     batch, pending = pending, []
-                    self._deliver(batch)
+                    self._executor.submit(self._call, batch)
         finally:
-            try:
-                listener.close()  # pending and unsettled messages go back to the broker
-            except Exception:
-                LOG.exception("%s: closing the driver listener failed", self._name)
-            self._stopped.set()
+            self._shutdown(receiver)
 
-    def _deliver(self, messages: list[IncomingMessage]) -> None:
+    def _accept(self, got: Sequence[IncomingMessage], room: int) -> list[IncomingMessage]:
+        """Hold what the driver delivered; reject the deliveries it could not unwrap."""
+        if len(got) > room:
+            LOG.error("%s: the driver returned %d messages when asked for at most %d; holding "
+                      "them all (a driver bug: prefetch is exceeded)", self._name, len(got),
+                      room)
+        held = self._held
+        sink = self._enqueue
+        good: list[IncomingMessage] = []
+        for msg in got:
+            msg._sink = sink
+            held[msg] = None
+            if msg.problem is None:
+                good.append(msg)
+            else:
+                LOG.error("%s: rejecting message %s: %s", self._name,
+                          msg.message_id or "(no id)", msg.problem)
+                msg.reject()
+        self.stats.received(len(got))
+        return good
+
+    def _dispatch(self, messages: list[IncomingMessage]) -> None:
+        executor = self._executor
+        if executor.concurrent:
+            call = self._call
+            for msg in messages:
+                executor.submit(call, [msg])
+        else:
+            self._call(messages)
+
+    def _call(self, messages: list[IncomingMessage]) -> None:
+        """Run the handler; if it breaks, reject (and log) what it left unsettled."""
+        if self._stop.is_set() and self._executor.concurrent:
+            return  # queued before stop(): stays unsettled and goes back to the broker
         try:
             self._handle(messages)
         except Exception:
-            # The handler settles its messages; if it broke, reject what is left rather than
-            # leave them in limbo, and log each id so nothing goes unexplained.
             LOG.exception("%s: handler failed", self._name)
             for msg in messages:
                 if msg.settled is None and msg.reject():
                     LOG.error("%s: rejected message %s after a handler failure", self._name,
                               msg.message_id)
-                    self.stats.settled("reject")
+
+    def _wait_for_room(self) -> None:
+        """Every prefetch slot is taken: wait for a settlement (or stop)."""
+        self._wake.clear()
+        self._state = _WAITING
+        if not self._settlements:
+            self._wake.wait(self.poll_interval)
+        self._state = _BUSY
+
+    def _reconnect(self, receiver: Receiver, exc: Exception) -> Receiver | None:
+        """Forget the lost connection's messages, close it, listen again with backoff.
+
+        Returns the new receiver, or None once the consumer is stopped."""
+        lost = len(self._held)
+        if isinstance(exc, TransportUnreachable):
+            LOG.warning("%s: lost its connection (%s); reconnecting. The broker delivers the "
+                        "%d message(s) held here again", self._name, exc, lost)
+        else:
+            LOG.error("%s: the driver failed (%r); reconnecting. The broker delivers the %d "
+                      "message(s) held here again", self._name, exc, lost, exc_info=exc)
+        self.stats.lost(lost)
+        self._held = {}
+        self._receiver = None
+        _close(receiver, self._name)
+        backoff = Backoff(*self._backoff)
+        failures = 0
+        while not self._stop.wait(backoff.next()):
+            try:
+                receiver = self._open()
+            except Exception as again:
+                failures += 1
+                if failures <= 3 or failures % 20 == 0:
+                    LOG.warning("%s: cannot reconnect (attempt %d): %s; next attempt in %.1fs",
+                                self._name, failures, again, backoff.peek())
+                continue
+            LOG.info("%s: reconnected after %d failed attempt(s)", self._name, failures)
+            self._receiver = receiver
+            self._interruptible = type(receiver).interrupt is not Receiver.interrupt
+            return receiver
+        return None
+
+    def _shutdown(self, receiver: Receiver | None) -> None:
+        """Let running handlers finish, settle what they settled, return the rest, close."""
+        self._stop.set()
+        try:
+            if not self._executor.stop(timeout=None):
+                LOG.error("%s: handlers still running at close", self._name)
+            if receiver is not None:
+                returned = [(m, REQUEUE) for m in self._held if m._claim(REQUEUE)]
+                try:
+                    if self._settlements:
+                        self._flush(receiver)
+                    if returned:
+                        receiver.settle(returned)
+                        self.stats.returned(len(returned))
+                except Exception as exc:
+                    LOG.warning("%s: settling at close failed (%s); the broker returns "
+                                "unacknowledged messages when the connection closes",
+                                self._name, exc)
+                _close(receiver, self._name)
+        finally:
+            self._held = {}
+            self._settlements.clear()
+            self._receiver = None
+
+
+def _close(receiver: Receiver, name: str) -> None:
+    try:
+        receiver.close()
+    except Exception:
+        LOG.exception("%s: closing the driver receiver failed", name)
+
+
+def _is_worker_of(name: str) -> bool:
+    return threading.current_thread().name.startswith(f"{name}-worker-")

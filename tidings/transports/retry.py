@@ -14,10 +14,32 @@ from typing import TypeVar
 
 from tidings.transports.errors import MessageDeliveryFailure, TransportUnreachable
 
-__all__ = ["call_with_retry", "validate_retry"]
+__all__ = ["Backoff", "call_with_retry", "validate_retry"]
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class Backoff:
+    """Exponential backoff: ``interval``, doubling on each ``next()``, capped at
+    ``max_interval``. The one schedule behind send retries and listener reconnects."""
+
+    __slots__ = ("_delay", "interval", "max_interval")
+
+    def __init__(self, interval: float, max_interval: float) -> None:
+        self.interval = interval
+        self.max_interval = max(interval, max_interval)
+        self._delay = interval
+
+    def next(self) -> float:
+        """The delay to wait now; the following one doubles."""
+        delay = self._delay
+        self._delay = min(delay * 2, self.max_interval)
+        return delay
+
+    def peek(self) -> float:
+        """The delay the next ``next()`` returns."""
+        return self._delay
 
 
 def validate_retry(retry: int | None) -> int | None:
@@ -42,7 +64,7 @@ def call_with_retry(attempt: Callable[[], T], retry: int | None, what: str, *,
     """
     retry = validate_retry(retry)
     failures = 0
-    delay = interval
+    backoff = Backoff(interval, max_interval)
     pending_failure = failed
     while True:
         try:
@@ -56,6 +78,7 @@ def call_with_retry(attempt: Callable[[], T], retry: int | None, what: str, *,
                 raise MessageDeliveryFailure(
                     f"{what} failed after {failures} attempt(s) (retry={retry}): {exc}. "
                     f"Check that the broker is reachable, or raise retry.") from exc
+            delay = backoff.next()
             LOG.warning("%s failed (attempt %d, retry=%s): %s; trying again in %.1fs",
                         what, failures, "forever" if retry is None else retry, exc, delay)
             if stop is not None and stop.wait(delay):
@@ -63,4 +86,3 @@ def call_with_retry(attempt: Callable[[], T], retry: int | None, what: str, *,
                     from exc
             if stop is None:
                 threading.Event().wait(delay)
-            delay = min(delay * 2, max_interval)

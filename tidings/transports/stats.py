@@ -43,6 +43,8 @@ class ConsumerStats:
     _settled: dict[str, int] = field(default_factory=lambda: {"ack": 0, "requeue": 0,
                                                               "reject": 0})
     _latency: _Latency = field(default_factory=_Latency)
+    _returned: int = 0
+    _lost: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def received(self, n: int = 1) -> None:
@@ -53,25 +55,43 @@ class ConsumerStats:
         with self._lock:
             self._settled[how] += n
 
+    def settled_many(self, acks: int, requeues: int, rejects: int) -> None:
+        """One batch of settlements handed to the driver, counted under one lock."""
+        with self._lock:
+            settled = self._settled
+            settled["ack"] += acks
+            settled["requeue"] += requeues
+            settled["reject"] += rejects
+
+    def returned(self, n: int) -> None:
+        """Messages given back unsettled when a listener stopped."""
+        with self._lock:
+            self._returned += n
+
+    def lost(self, n: int) -> None:
+        """Messages held when a connection was lost: the broker delivers them again."""
+        with self._lock:
+            self._lost += n
+
     def handled(self, seconds: float) -> None:
         with self._lock:
             self._latency.add(seconds)
 
-    def handled_batch(self, count: int, total: float, longest: float, acked: int = 0) -> None:
-        """``count`` handler calls taking ``total`` seconds (the longest ``longest``), and the
-        ``acked`` acknowledgements that followed them, under one lock: a listener records a
-        poll's worth at once instead of taking the lock twice per message."""
-        if not count and not acked:
+    def handled_batch(self, count: int, total: float, longest: float) -> None:
+        """``count`` handler calls taking ``total`` seconds (the longest ``longest``), under
+        one lock: a listener records a poll's worth at once."""
+        if not count:
             return
         with self._lock:
             self._latency.add_many(count, total, longest)
-            self._settled["ack"] += acked
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
-            done = sum(self._settled.values())
+            done = sum(self._settled.values()) + self._returned + self._lost
             return {"received": self._received, "acknowledged": self._settled["ack"],
                     "requeued": self._settled["requeue"], "rejected": self._settled["reject"],
+                    "returned_on_close": self._returned,
+                    "lost_with_connection": self._lost,
                     "in_flight": self._received - done,
                     "handler_latency": self._latency.as_dict()}
 

@@ -21,11 +21,11 @@ from tidings.transports.base import (
     Capabilities,
     Driver,
     IncomingMessage,
-    Listener,
     Option,
     OutgoingMessage,
+    Receiver,
 )
-from tidings.transports.consumer import PollLoop
+from tidings.transports.consumer import Consumer, Handler
 from tidings.transports.errors import (
     InvalidTransportOption,
     MalformedMessage,
@@ -57,7 +57,29 @@ CORE_OPTIONS: dict[str, Option[Any]] = {
     "send_timeout": Option(float, 30.0, "seconds one send attempt may take"),
     "retry_interval": Option(float, 0.2, "first delay between send attempts, doubling"),
     "retry_max_interval": Option(float, 5.0, "longest delay between send attempts"),
+    "reconnect_interval": Option(float, 0.2, "first delay before a listener reconnects after "
+                                             "losing its connection, doubling each failure"),
+    "reconnect_max_interval": Option(float, 5.0, "longest delay between a listener's "
+                                                 "reconnection attempts"),
 }
+
+
+def _check_core_options(values: Mapping[str, Any]) -> None:
+    """Combinations and ranges of the core's options, checked when the transport is built."""
+    for name in ("prefetch", "max_message_size"):
+        if values[name] < 1:
+            raise InvalidTransportOption(f"URL option {name}={values[name]} must be a positive "
+                                         f"integer")
+    for name in ("send_timeout", "retry_interval", "retry_max_interval", "reconnect_interval",
+                 "reconnect_max_interval"):
+        if not values[name] > 0:
+            raise InvalidTransportOption(f"URL option {name}={values[name]:g} must be a "
+                                         f"positive number of seconds")
+    for first, longest in (("retry_interval", "retry_max_interval"),
+                           ("reconnect_interval", "reconnect_max_interval")):
+        if values[longest] < values[first]:
+            raise InvalidTransportOption(f"URL option {longest}={values[longest]:g} must be "
+                                         f"at least {first}={values[first]:g}")
 
 
 @dataclass(frozen=True)
@@ -196,25 +218,27 @@ class Transport:
         under the retry policy. One result per message: None if sent, else the error.
 
         The driver publishes them all before waiting for the broker's confirmations (see
-        ``Driver.send_many``), so a batch costs about one round trip instead of one each. A
+        ``Driver.send_batch``), so a batch costs about one round trip instead of one each. A
         message retried after a failure may arrive after later ones of its batch.
         """
         self._ensure_open("send")
-        results = self._driver.send_many(messages, timeout=self.options["send_timeout"])
-        if len(results) != len(messages):
-            raise RuntimeError(f"driver {self.driver_name!r} returned {len(results)} results "
-                               f"for {len(messages)} messages from send_many()")
+        results = self._send_batch(messages)
         for i, exc in enumerate(results):
-            if exc is None:
-                continue
-            if isinstance(exc, TransportUnreachable):
+            if exc is not None and self._driver.retryable(exc):
                 try:
-                    self._send_outgoing(messages[i], retry, failed=TransportUnreachable(
-                        mask_password(str(exc))))
+                    self._send_outgoing(messages[i], retry, failed=exc)
                 except Exception as again:
                     results[i] = again
                 else:
                     results[i] = None
+        return results
+
+    def _send_batch(self, messages: Sequence[OutgoingMessage]) -> list[BaseException | None]:
+        """One attempt for each message through the driver, its answer checked."""
+        results = self._driver.send_batch(messages, self.options["send_timeout"])
+        if len(results) != len(messages):
+            raise RuntimeError(f"driver {self.driver_name!r} returned {len(results)} results "
+                               f"for {len(messages)} messages from send_batch()")
         return results
 
     def _outgoing(self, target: Target, body: bytes, message_id: str,
@@ -223,44 +247,71 @@ class Transport:
         return OutgoingMessage(target.exchange or self.default_exchange, target.topic, body,
                                message_id, headers=dict(headers) if headers else {})
 
+    def _attempt(self, out: OutgoingMessage) -> None:
+        """One attempt: raise TransportUnreachable (password masked) for what a retry may cure,
+        anything else as the driver gave it."""
+        exc = self._send_batch((out,))[0]
+        if exc is None:
+            return
+        if self._driver.retryable(exc):
+            failed = TransportUnreachable(mask_password(str(exc)))
+            failed.__cause__ = exc
+            raise failed
+        raise exc
+
     def _send_outgoing(self, out: OutgoingMessage, retry: int | None,
-                       failed: TransportUnreachable | None = None) -> None:
-        timeout = self.options["send_timeout"]
+                       failed: BaseException | None = None) -> None:
         if failed is None:
             # The first attempt inline: most sends succeed, and one that does should not pay
             # for the retry machinery (a closure and its log description per message).
-            try:
-                self._driver.send(out, timeout=timeout)
+            exc = self._driver.send_batch((out,), self.options["send_timeout"])[0]
+            if exc is None:
                 return
-            except TransportUnreachable as exc:
-                failed = TransportUnreachable(mask_password(str(exc)))
-                failed.__cause__ = exc
+            if not self._driver.retryable(exc):
+                raise exc
+            failed = exc
+        first = TransportUnreachable(mask_password(str(failed)))
+        first.__cause__ = failed
 
         def attempt() -> None:
             self._ensure_open("send")
-            try:
-                self._driver.send(out, timeout=timeout)
-            except TransportUnreachable as exc:
-                raise TransportUnreachable(mask_password(str(exc))) from exc
+            self._attempt(out)
 
         call_with_retry(attempt, retry, f"sending {out.message_id} to {out.exchange}/"
                         f"{out.routing_key} via {self.driver_name}",
                         interval=self.options["retry_interval"],
                         max_interval=self.options["retry_max_interval"], stop=self._closed,
-                        failed=failed)
+                        failed=first)
 
     # -- listening ----------------------------------------------------------------------
     def listen(self, bindings: Sequence[Binding], pool: str | None = None,
-               prefetch: int | None = None) -> Listener:
-        """Open a driver listener on ``bindings`` (features already checked by the caller)."""
+               prefetch: int | None = None) -> Receiver:
+        """Open a driver receiver on ``bindings`` (features already checked by the caller)."""
         self._ensure_open("listen")
         if not bindings:
             raise ValueError("a listener needs at least one (exchange, topic) binding")
         self.check_features(pool=pool)
+        return self._driver.listen(list(bindings), pool, self._prefetch(prefetch))
+
+    def _prefetch(self, prefetch: int | None) -> int:
         count = self.options["prefetch"] if prefetch is None else prefetch
-        if not isinstance(count, int) or count < 1:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"prefetch={count!r} must be a positive integer")
-        return self._driver.listen(list(bindings), pool, count)
+        return count
+
+    def consumer(self, bindings: Sequence[Binding], pool: str | None, handle: Handler, *,
+                 name: str, prefetch: int | None = None, workers: int = 0,
+                 batch_size: int | None = None,
+                 batch_timeout: float | None = None) -> Consumer:
+        """A (not yet started) consumer of ``bindings`` that hands messages to ``handle``,
+        reconnecting under this transport's reconnect options."""
+        count = self._prefetch(prefetch)
+        bindings = list(bindings)
+        return Consumer(lambda: self.listen(bindings, pool, count), handle, name=name,
+                        prefetch=count, workers=workers, batch_size=batch_size,
+                        batch_timeout=batch_timeout,
+                        backoff=(self.options["reconnect_interval"],
+                                 self.options["reconnect_max_interval"]))
 
     def decode(self, msg: IncomingMessage) -> dict[str, Any]:
         """Decode an incoming body into the wire message, enforcing max_message_size and, with
@@ -271,7 +322,12 @@ class Transport:
         if self.signing is None:
             return envelope.decode(msg.body)
         message, inner, signature = envelope.decode_envelope(msg.body)
-        self.signing.verify(inner, signature)
+        try:
+            self.signing.verify(inner, signature)
+        except MalformedMessage:
+            raise
+        except Exception as exc:  # e.g. a lone surrogate the MAC cannot encode
+            raise MalformedMessage(f"its signature cannot be checked: {exc!r}") from exc
         return message
 
     def join_consumer_pool(self, callback: Callable[[dict[str, Any]], Any], pool_name: str,
@@ -282,7 +338,8 @@ class Transport:
         ``callback`` receives each message whole, as a dict (JSON decoded, envelope removed,
         context still in its ``_context_*`` keys), whatever the notification format. The message
         is acknowledged after the callback returns; if the callback raises, it is logged with its
-        id and rejected. Returns a started handle; ``stop()`` it when done.
+        id and rejected. Callbacks run one at a time, in arrival order. Returns a started handle;
+        ``stop()`` it when done.
         """
         self.check_features(pool=pool_name)
         bindings = [Binding(exchange_name or self.default_exchange, topic)]
@@ -309,37 +366,34 @@ class ConsumerPoolHandle:
                  pool: str, bindings: list[Binding]) -> None:
         self._transport = transport
         self._callback = callback
-        self._loop = PollLoop(lambda: transport.listen(bindings, pool), self._handle,
-                              name=f"tidings-pool-{pool}")
-        self.stats = self._loop.stats
+        self._consumer = transport.consumer(bindings, pool, self._handle,
+                                            name=f"tidings-pool-{pool}")
+        self.stats = self._consumer.stats
 
     def start(self) -> None:
-        self._loop.start()
+        self._consumer.start()
 
     def _handle(self, messages: list[IncomingMessage]) -> None:
         for msg in messages:
             try:
                 data = self._transport.decode(msg)
-            except MalformedMessage as exc:
+            except Exception as exc:
                 LOG.error("rejecting malformed message %s: %s", msg.message_id, exc)
-                if msg.reject():
-                    self.stats.settled("reject")
+                msg.reject()
                 continue
             try:
                 self._callback(data)
             except Exception:
                 LOG.exception("pool callback failed on message %s; rejecting it",
                               msg.message_id)
-                if msg.reject():
-                    self.stats.settled("reject")
+                msg.reject()
                 continue
-            if msg.ack():
-                self.stats.settled("ack")
+            msg.ack()
 
     def stop(self, timeout: float | None = 10.0) -> bool:
         """Stop consuming and wait up to ``timeout`` seconds for the loop to end."""
-        self._loop.stop()
-        return self._loop.wait(timeout)
+        self._consumer.stop()
+        return self._consumer.wait(timeout)
 
 
 def get_transport(url: str | TransportURL | None = None, *,
@@ -366,6 +420,7 @@ def get_transport(url: str | TransportURL | None = None, *,
         raise TypeError(f"driver {cls.__name__} redeclares core option(s) {sorted(clash)}")
     values = _parse_options(parsed, {**CORE_OPTIONS, **cls.options})
     core = {k: values.pop(k) for k in CORE_OPTIONS}
+    _check_core_options(core)
     try:
         driver = cls(parsed, values)
     except TransportUnreachable as exc:

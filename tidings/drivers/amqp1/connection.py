@@ -6,7 +6,7 @@ virtual host (``/``). proton sends the ``virtual_host`` connect argument as that
 the SASL hostname), so the driver passes ``vhost:<name>`` there. Credentials go as separate
 arguments, never inside the URL string proton logs.
 
-With TLS (``ssl=true``, the options shared with ``rabbit://`` in :mod:`tidings.transports.tls`)
+With TLS (``ssl=true``, the options shared with ``rabbit://`` in :mod:`tidings.drivers._rabbitmq.tls`)
 the connection is ``amqps`` with a client :class:`proton.SSLDomain` made from the settings. proton
 checks the broker's certificate against the name it also sends as SNI, and that name defaults to
 the *virtual host* argument, which here is ``vhost:<name>``: so the URL's host is always passed as
@@ -25,10 +25,10 @@ from typing import Any
 
 from proton import SSL, Connection, Endpoint, Handler, SSLDomain, SSLException
 
+from tidings.drivers._rabbitmq.tls import TLSSettings
 from tidings.drivers.amqp1.loop import EventLoop
 from tidings.drivers.amqp1.topology import BrokerHost
 from tidings.transports.errors import InvalidTransportOption
-from tidings.transports.tls import TLSSettings
 
 __all__ = ["ConnectParams", "ConnectionOwner", "describe_condition"]
 

@@ -3,7 +3,7 @@
 URL: ``amqp://user:pass@host:5672[,host2:5672]/vhost?options``; no host means localhost:5672,
 no user means guest/guest. The virtual host is selected the way RabbitMQ 3.x's plugin reads it,
 as ``vhost:<name>`` in the open frame's hostname. ``ssl=true`` (and the other TLS options, shared
-with ``rabbit://`` through :mod:`tidings.transports.tls`) connects with TLS, port 5671 by
+with ``rabbit://`` through :mod:`tidings.drivers._rabbitmq.tls`) connects with TLS, port 5671 by
 default, for the AMQP 1.0 connections and the topology's AMQP 0-9-1 declares alike.
 
 What the driver does, and where:
@@ -25,6 +25,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tidings.drivers._rabbitmq.queues import (
+    QUEUE_OPTIONS,
+    RECONNECT_OPTIONS,
+    QueueModel,
+    reconnect_backoff,
+    seconds,
+)
+from tidings.drivers._rabbitmq.tls import DEFAULT_TLS_PORT, TLS_OPTIONS, tls_settings
 from tidings.drivers.amqp1.connection import ConnectParams
 from tidings.drivers.amqp1.loop import EventLoop
 from tidings.drivers.amqp1.receiving import AMQP1Listener
@@ -45,14 +53,6 @@ from tidings.transports.base import (
     OutgoingMessage,
 )
 from tidings.transports.errors import TransportUnreachable
-from tidings.transports.queues import (
-    QUEUE_OPTIONS,
-    RECONNECT_OPTIONS,
-    QueueModel,
-    reconnect_backoff,
-    seconds,
-)
-from tidings.transports.tls import DEFAULT_TLS_PORT, TLS_OPTIONS, tls_settings
 from tidings.transports.url import TransportURL
 
 __all__ = ["AMQP1Driver"]

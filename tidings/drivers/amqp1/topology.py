@@ -30,10 +30,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tidings.drivers._rabbitmq.queues import QueueModel, QueuePlan
+from tidings.drivers._rabbitmq.tls import TLSSettings, ssl_error_text
 from tidings.transports.base import Binding
 from tidings.transports.errors import InvalidTransportOption, TransportUnreachable
-from tidings.transports.queues import QueueModel, QueuePlan
-from tidings.transports.tls import TLSSettings, ssl_error_text
 from tidings.transports.url import mask_password
 
 __all__ = [

@@ -5,7 +5,7 @@ Options are declared as data (tidings ``Option``) so the core rejects unknown or
 before the driver runs. Combinations the core cannot judge (an ``ssl_*`` file without
 ``ssl=true``, a negative expiry) are checked here, when the transport is built, so a bad URL fails
 at start-up rather than at the first send. The TLS options and their checks are the core's
-(:mod:`tidings.transports.tls`, shared with ``amqp://``).
+(:mod:`tidings.drivers._rabbitmq.tls`, shared with ``amqp://``).
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tidings.transports.base import Capabilities, Option
-from tidings.transports.errors import InvalidTransportOption
-from tidings.transports.queues import (
+from tidings.drivers._rabbitmq.queues import (
     QUEUE_OPTIONS,
     RECONNECT_OPTIONS,
     QueueModel,
     reconnect_backoff,
     seconds,
 )
-from tidings.transports.tls import DEFAULT_TLS_PORT, TLS_OPTIONS, TLSSettings, tls_settings
+from tidings.drivers._rabbitmq.tls import DEFAULT_TLS_PORT, TLS_OPTIONS, TLSSettings, tls_settings
+from tidings.transports.base import Capabilities, Option
+from tidings.transports.errors import InvalidTransportOption
 from tidings.transports.url import TransportURL
 
 __all__ = ["BASE_CAPABILITIES", "OPTIONS", "Endpoint", "Settings"]

@@ -22,15 +22,15 @@ from typing import Any
 
 import kombu
 
+from tidings.drivers._rabbitmq.queues import QueuePlan
 from tidings.drivers.rabbit.options import Settings
 from tidings.transports.base import Binding
-from tidings.transports.queues import QueuePlan
 
 __all__ = ["QueuePlan", "Topology"]
 
 
 class Topology:
-    """Declares, with kombu, what the core's queue model (tidings.transports.queues) plans:
+    """Declares, with kombu, what the core's queue model (tidings.drivers._rabbitmq.queues) plans:
     oslo.messaging's names, flags and arguments, from the settings."""
 
     def __init__(self, settings: Settings) -> None:

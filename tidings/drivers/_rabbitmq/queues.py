@@ -1,6 +1,6 @@
 """The queue model of brokers with topic exchanges and named queues, with oslo.messaging's names.
 
-RabbitMQ is reached by two drivers (``rabbit://`` over AMQP 0-9-1 and ``amqp://`` over AMQP 1.0),
+RabbitMQ is reached by two drivers of this family (``rabbit://`` over AMQP 0-9-1 and ``amqp://`` over AMQP 1.0),
 and both must name, shape and bind queues exactly as oslo.messaging does so that every library
 can share one broker: the no-pool group consumes queue ``<topic>.<priority>`` (the routing key),
 a pool consumes a queue named after the pool bound to every routing key it listens to. The names,
@@ -18,8 +18,7 @@ from typing import Any
 from tidings.transports.base import Binding, Capabilities, Option
 from tidings.transports.errors import InvalidTransportOption
 
-__all__ = ["QUEUE_OPTIONS", "RECONNECT_OPTIONS", "QueueModel", "QueuePlan", "reconnect_backoff",
-           "seconds"]
+__all__ = ["QUEUE_OPTIONS", "QueueModel", "QueuePlan", "seconds"]
 
 QUEUE_OPTIONS: dict[str, Option[Any]] = {
     "durable": Option(bool, False, "declare exchanges and queues durable (oslo.messaging's "
@@ -40,14 +39,6 @@ QUEUE_OPTIONS: dict[str, Option[Any]] = {
                                              "oslo.messaging, which names queues by topic only)"),
 }
 
-RECONNECT_OPTIONS: dict[str, Option[Any]] = {
-    "reconnect_interval": Option(float, 0.2, "first delay before a listener reconnects after "
-                                             "losing its connection, doubling each failure"),
-    "reconnect_max_interval": Option(float, 5.0, "longest delay between a listener's "
-                                                 "reconnection attempts"),
-}
-
-
 def seconds(options: Mapping[str, Any], name: str, *, positive: bool = False) -> float:
     """A duration option, checked: never negative (0 means off) or, if ``positive``, above 0."""
     value = float(options[name])
@@ -56,16 +47,6 @@ def seconds(options: Mapping[str, Any], name: str, *, positive: bool = False) ->
                                                               "of seconds"
         raise InvalidTransportOption(f"URL option {name}={value:g} must be {want}")
     return value
-
-
-def reconnect_backoff(options: Mapping[str, Any]) -> tuple[float, float]:
-    """(first delay, longest delay) of a listener's reconnection attempts, checked."""
-    interval = seconds(options, "reconnect_interval", positive=True)
-    longest = seconds(options, "reconnect_max_interval", positive=True)
-    if longest < interval:
-        raise InvalidTransportOption(f"reconnect_max_interval={longest:g} must be at least "
-                                     f"reconnect_interval={interval:g}")
-    return interval, longest
 
 
 @dataclass(frozen=True)

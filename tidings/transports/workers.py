@@ -1,0 +1,102 @@
+"""Where handlers run: inline on the poll thread, or on a bounded pool of worker threads.
+
+oslo.messaging's ``threading`` executor runs each message's endpoints on a pool of up to
+``executor_thread_pool_size`` (64) threads, so an endpoint that waits on a database does not
+hold up the next message. The pool here does the same with less: threads start only when work
+is waiting and every thread is busy, one queue feeds them, and the consumer never hands over more
+than its prefetch, so the queue is bounded without a bound of its own.
+
+``stop()`` drops the work that has not started (those messages stay unsettled, and the consumer
+gives them back to the broker) and waits for the handlers that are running.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Inline", "WorkerPool"]
+
+LOG = logging.getLogger(__name__)
+
+Work = Callable[[Any], None]
+
+
+class Inline:
+    """Runs each piece of work at once, in the calling thread (oslo's ``blocking``)."""
+
+    concurrent = False
+
+    def submit(self, work: Work, arg: Any) -> None:
+        work(arg)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        return True
+
+
+class WorkerPool:
+    """Up to ``size`` threads named ``name-N`` taking work from one queue."""
+
+    concurrent = True
+
+    def __init__(self, size: int, name: str) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"executor_thread_pool_size={size!r} must be a positive integer")
+        self.size = size
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[Work, Any] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._stopping = False
+
+    @property
+    def threads(self) -> int:
+        """How many worker threads exist now (they start on demand)."""
+        return len(self._threads)
+
+    def submit(self, work: Work, arg: Any) -> None:
+        """Queue ``work(arg)``; start a thread if none is free and the pool has room."""
+        self._queue.put((work, arg))
+        with self._lock:
+            if self._stopping:
+                return
+            if self._idle:
+                self._idle -= 1  # that thread is taking this work; do not count it twice
+                return
+            if len(self._threads) < self.size:
+                thread = threading.Thread(target=self._run,
+                                          name=f"{self._name}-{len(self._threads) + 1}",
+                                          daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def _run(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is None or self._stopping:
+                return
+            work, arg = item
+            try:
+                work(arg)
+            except BaseException:  # the work settles its own messages; never lose the thread
+                LOG.exception("%s: a handler escaped its error handling", self._name)
+            with self._lock:
+                self._idle += 1
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Drop queued work, wait up to ``timeout`` for running work; True if all finished."""
+        with self._lock:
+            self._stopping = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(None)
+        current = threading.current_thread()
+        for thread in threads:
+            if thread is not current:
+                thread.join(timeout)
+        return not any(t.is_alive() for t in threads if t is not current)
