@@ -264,9 +264,11 @@ def test_log_and_noop_notifier_drivers(transport: tidings.Transport,
 
 def test_a_notifier_with_several_topics_sends_each_the_same_notification(
         transport: tidings.Transport) -> None:
+    from tidings.testing.conformance_harness import RawListener
     from tidings.transports.base import Binding
 
-    listeners = {t: transport.listen([Binding("openstack", f"{t}.info")]) for t in ("a", "b")}
+    listeners = {t: RawListener(transport.listen([Binding("openstack", f"{t}.info")]), 64)
+                 for t in ("a", "b")}
     notifier = tidings.Notifier(transport, "p", topics=["a", "b"])
     notifier.info({"user": "u1"}, "e.x", {"k": [1, "é"]})
 

@@ -10,6 +10,7 @@ import pytest
 
 import tidings
 from tidings import NotificationResult, Target
+from tidings.testing.conformance_harness import RawListener
 from tidings.transports.base import Binding
 from tidings.transports.envelope import decode, encode, pack_context
 
@@ -256,7 +257,7 @@ def test_prefetch_bounds_what_a_listener_holds(transport: tidings.Transport) -> 
     n = tidings.Notifier(transport, "p", topics=["q"])
     for i in range(50):
         n.info({}, "e", {"id": str(i)})
-    listener = transport.listen([Binding("openstack", "q.info")], prefetch=7)
+    listener = RawListener(transport.listen([Binding("openstack", "q.info")], prefetch=7), 7)
     held = list(listener.poll(0.5))
     assert len(held) == 7
     assert list(listener.poll(0.05)) == []

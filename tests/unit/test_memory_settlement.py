@@ -1,6 +1,7 @@
-"""memory:// settles acks made in the polling thread at its next poll() (one broker-lock
-acquisition for the lot); these pin down that nothing observable changes: the prefetch window
-refills, acked messages are never redelivered, unsettled ones come back in order."""
+"""memory:// as the core drives it: settlements arrive in batches on the poll thread (one
+broker-lock acquisition for the lot). These pin down what is observable: the prefetch window
+refills, acked messages are never redelivered, unsettled ones come back in order, a settlement
+made on another thread ends a blocked receive at once."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 
 import tidings
 from tidings import Target
+from tidings.testing.conformance_harness import RawListener
 from tidings.transports.base import Binding
 from tidings.transports.envelope import decode
 
@@ -28,10 +30,14 @@ def _ids(messages: list[tidings.transports.base.IncomingMessage]) -> list[int]:
 BINDING = [Binding("openstack", "s.info")]
 
 
+def _listen(transport: tidings.Transport, prefetch: int) -> RawListener:
+    return RawListener(transport.listen(BINDING, None, prefetch), prefetch)
+
+
 def test_acks_in_the_polling_thread_refill_the_prefetch_window(
         transport: tidings.Transport) -> None:
     _send(transport, 5)
-    listener = transport.listen(BINDING, None, prefetch=2)
+    listener = _listen(transport, 2)
     try:
         seen: list[int] = []
         while len(seen) < 5:
@@ -49,14 +55,14 @@ def test_acks_in_the_polling_thread_refill_the_prefetch_window(
 
 def test_close_drops_acked_and_requeues_the_rest_in_order(transport: tidings.Transport) -> None:
     _send(transport, 4)
-    first = transport.listen(BINDING, None, prefetch=4)
+    first = _listen(transport, 4)
     got = list(first.poll(WAIT))
     assert _ids(got) == [0, 1, 2, 3]
     assert got[0].ack() and got[2].reject()  # noted for the next poll, which never comes
     first.close()
     assert got[1].settled == "requeue" and got[3].settled == "requeue"
     assert not got[1].ack()  # settled by close(): a late ack is a no-op
-    second = transport.listen(BINDING, None, prefetch=4)
+    second = _listen(transport, 4)
     try:
         again = list(second.poll(WAIT))
         assert _ids(again) == [1, 3] and all(m.redelivered for m in again)
@@ -65,23 +71,47 @@ def test_close_drops_acked_and_requeues_the_rest_in_order(transport: tidings.Tra
         second.close()
 
 
-def test_an_ack_from_another_thread_wakes_a_blocked_poll(transport: tidings.Transport) -> None:
-    """Outside the polling thread an ack is applied at once: a poll() blocked on a full window
-    gets the next message when another thread acks, without waiting out its timeout."""
-    _send(transport, 2)
-    listener = transport.listen(BINDING, None, prefetch=1)
+def test_interrupt_ends_a_blocked_receive(transport: tidings.Transport) -> None:
+    receiver = transport.listen(BINDING, None, 1)
     try:
-        first = list(listener.poll(WAIT))
-        assert _ids(first) == [0]
-        acker = threading.Timer(0.2, first[0].ack)  # fires while the poll below is blocked
-        acker.start()
+        waker = threading.Timer(0.2, receiver.interrupt)
+        waker.start()
         began = time.monotonic()
-        second = list(listener.poll(WAIT))
-        assert _ids(second) == [1]
+        assert list(receiver.receive(1, WAIT)) == []
         assert time.monotonic() - began < WAIT / 2
-        acker.join(WAIT)
+        waker.join(WAIT)
     finally:
-        listener.close()
+        receiver.close()
+
+
+def test_an_ack_from_another_thread_refills_a_full_window_at_once(
+        transport: tidings.Transport) -> None:
+    """prefetch=1 and each message acked 0.2 s later by another thread: the consumer, waiting
+    for room, takes the next message as soon as the ack is made, not a poll timeout later."""
+    _send(transport, 3)
+    acked: list[float] = []
+    done = threading.Event()
+
+    def handle(messages: list[tidings.transports.base.IncomingMessage]) -> None:
+        for m in messages:
+            def ack(m: tidings.transports.base.IncomingMessage = m) -> None:
+                acked.append(time.monotonic())
+                m.ack()
+                if len(acked) == 3:
+                    done.set()
+            threading.Timer(0.2, ack).start()
+
+    consumer = transport.consumer(BINDING, None, handle, name="t-refill", prefetch=1)
+    consumer.settle_interval = WAIT  # only a wake-up can make this fast
+    consumer.poll_interval = WAIT
+    began = time.monotonic()
+    consumer.start()
+    try:
+        assert done.wait(WAIT * 2)
+        assert acked[-1] - began < WAIT / 2, f"acks at {[t - began for t in acked]}"
+    finally:
+        consumer.stop()
+        assert consumer.wait(WAIT * 2)
 
 
 def test_a_running_listener_acks_everything_once(transport: tidings.Transport) -> None:
@@ -104,7 +134,7 @@ def test_a_running_listener_acks_everything_once(transport: tidings.Transport) -
     listener.stop()
     assert listener.wait(WAIT)
     assert listener.stats.snapshot()["acknowledged"] == 500
-    second = transport.listen(BINDING, None, prefetch=8)
+    second = _listen(transport, 8)
     try:
         assert second.poll(0.05) == []  # nothing was left unsettled
     finally:

@@ -23,7 +23,7 @@ from tidings import (
     TransportClosed,
     TransportUnreachable,
 )
-from tidings.transports.base import Binding, Capabilities, Driver, Listener, OutgoingMessage
+from tidings.transports.base import Binding, Capabilities, Driver, OutgoingMessage, Receiver
 from tidings.transports.loader import available_drivers, load_driver_class
 from tidings.transports.retry import call_with_retry, validate_retry
 
@@ -40,8 +40,9 @@ class PlainDriver(Driver):
     options = {"colour": Option(str, "blue", "a colour", choices=("blue", "red")),
                "level": Option(int, 1, "a level")}
 
-    def send(self, message, timeout=None):
-        SENT.append(message)
+    def send_batch(self, messages, timeout):
+        SENT.extend(messages)
+        return [None] * len(messages)
 
     def listen(self, bindings, pool, prefetch):
         raise AssertionError("the core must refuse before reaching the driver")
@@ -197,12 +198,17 @@ class FlakyDriver(Driver):
         self.failures = failures
         self.attempts = 0
 
-    def send(self, message: OutgoingMessage, timeout: float | None = None) -> None:
-        self.attempts += 1
-        if self.attempts <= self.failures:
-            raise TransportUnreachable("rabbit://u:topsecret@h:5672/ refused the connection")
+    def send_batch(self, messages: Sequence[OutgoingMessage],
+                   timeout: float | None) -> list[BaseException | None]:
+        results: list[BaseException | None] = []
+        for _ in messages:
+            self.attempts += 1
+            results.append(TransportUnreachable("rabbit://u:topsecret@h:5672/ refused the "
+                                                "connection")
+                           if self.attempts <= self.failures else None)
+        return results
 
-    def listen(self, bindings: Sequence[Binding], pool: str | None, prefetch: int) -> Listener:
+    def listen(self, bindings: Sequence[Binding], pool: str | None, prefetch: int) -> Receiver:
         raise NotImplementedError
 
 
@@ -323,24 +329,24 @@ def test_background_notifier_full_queue_policies(caplog: pytest.LogCaptureFixtur
 
 
 class BatchingDriver(FlakyDriver):
-    """Records what each send_many call carried; fails the messages listed in ``refuse`` on
-    their first, pipelined attempt only."""
+    """Records what each first (pipelined) attempt carried, and the attempts made again after
+    a failure apart; fails the messages listed in ``refuse`` on their first attempt only."""
 
     def __init__(self) -> None:
         super().__init__(0)
         self.gate = threading.Event()
         self.batches: list[list[str]] = []
+        self.again: list[list[str]] = []
         self.delivered: list[str] = []
         self.refuse: set[str] = set()
+        self._seen: set[str] = set()
 
-    def send(self, message: OutgoingMessage, timeout: float | None = None) -> None:
-        self.delivered.append(json.loads(message.body)["payload"]["i"])
-
-    def send_many(self, messages: Sequence[OutgoingMessage],
-                  timeout: float | None = None) -> list[BaseException | None]:
+    def send_batch(self, messages: Sequence[OutgoingMessage],
+                   timeout: float | None) -> list[BaseException | None]:
         assert self.gate.wait(10), "test did not open the gate"
         ids = [json.loads(m.body)["payload"]["i"] for m in messages]
-        self.batches.append(ids)
+        (self.again if self._seen.issuperset(ids) else self.batches).append(ids)
+        self._seen.update(ids)
         results: list[BaseException | None] = []
         for i in ids:
             if i in self.refuse:
@@ -370,6 +376,7 @@ def test_background_notifier_pipelines_a_backlog_and_retries_failures_alone() ->
     assert max(sizes) == 50 and sizes.count(50) >= 2, sizes
     assert [i for b in driver.batches for i in b] == list(range(120))
     # 7 and 60 failed their pipelined attempt and were sent again alone (retry=1 allows it).
+    assert driver.again == [[7], [60]]
     assert sorted(driver.delivered) == list(range(120))
     assert notifier.stats.snapshot()["sent"] == 120
     assert notifier.stats.snapshot()["failed"] == 0
