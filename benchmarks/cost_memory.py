@@ -21,8 +21,8 @@ change dict probing)::
 
 ``--layer`` says how much of tidings the rounds go through, each layer adding to the one
 before, so the differences say what each costs: ``wire`` (ids, timestamp, v2 encode and decode,
-the endpoint call: tidings' wire work alone), ``broker`` (+ the memory:// driver: send, hand-over,
-acknowledgement), ``transport`` (+ Transport: packing, size checks, retry frame, decode checks),
+the endpoint call: tidings' wire work alone), ``broker`` (+ the memory:// driver and the core's
+consumer: send, hand-over, held set, batched settlement), ``transport`` (+ Transport: packing, size checks, retry frame, decode checks),
 ``notifier`` (+ Notifier: building the message, statistics) and ``full`` (+ the listener:
 Notification, dispatch, settlement policy, statistics).
 """
@@ -62,15 +62,19 @@ def run(messages: int, layer: str = "full", warmup: int = 640) -> float:
         notifier = tidings.Notifier(transport, "bench.host", topics=["bench"])
         listener = tidings.get_notification_listener(transport, [tidings.Target("bench")],
                                                      [endpoint])
-        driver_listener = transport.listen(listener.bindings, None, BATCH)
+        # The core's own consumer code, driven from this thread: hold what the driver
+        # delivered, run the handler, hand the settlements to the driver as one batch.
+        consumer = transport.consumer(listener.bindings, None, listener._handle, name="cost",
+                                      prefetch=BATCH)
+        receiver = transport.listen(listener.bindings, None, BATCH)
         driver = transport._driver
         target = [tidings.Target("bench.info")]
         binding = Binding(transport.default_exchange, "bench.info")
 
         def send() -> None:
             if layer == "broker":
-                driver.send(OutgoingMessage(binding.exchange, binding.routing_key, wire_body(),
-                                            "id"))
+                driver.send_batch((OutgoingMessage(binding.exchange, binding.routing_key,
+                                                   wire_body(), "id"),), None)
             elif layer == "transport":
                 transport._send_notifications(target, CONTEXT, {
                     "message_id": new_message_id(), "publisher_id": "bench.host",
@@ -95,10 +99,11 @@ def run(messages: int, layer: str = "full", warmup: int = 640) -> float:
             for _ in range(n // BATCH):
                 for _ in range(BATCH):
                     send()
-                got = list(driver_listener.poll(1.0))
+                got = consumer._accept(receiver.receive(BATCH, 1.0), BATCH)
                 if len(got) != BATCH:
-                    raise RuntimeError(f"polled {len(got)} of {BATCH} notifications")
+                    raise RuntimeError(f"received {len(got)} of {BATCH} notifications")
                 receive(got)
+                consumer._flush(receiver)
 
         def wire_only(n: int) -> None:
             for _ in range(n // BATCH):
@@ -111,7 +116,7 @@ def run(messages: int, layer: str = "full", warmup: int = 640) -> float:
         began = time.perf_counter()
         rounds(messages)
         took = time.perf_counter() - began
-        driver_listener.close()
+        receiver.close()
         return took / messages if messages else 0.0
     finally:
         transport.cleanup()

@@ -80,7 +80,8 @@ class _ThreadMembers:
     """Demo members as listeners in this process."""
 
     def __init__(self, transport: Transport, target: Target) -> None:
-        self.transport, self.target, self.listeners = transport, target, []
+        self.transport, self.target = transport, target
+        self.listeners: list[Any] = []
 
     def start(self, member: _Member, pool: str | None) -> None:
         listener = get_notification_listener(self.transport, [self.target], [member], pool=pool)

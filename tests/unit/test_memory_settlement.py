@@ -86,8 +86,9 @@ def test_interrupt_ends_a_blocked_receive(transport: tidings.Transport) -> None:
 
 def test_an_ack_from_another_thread_refills_a_full_window_at_once(
         transport: tidings.Transport) -> None:
-    """prefetch=1 and each message acked 0.2 s later by another thread: the consumer, waiting
-    for room, takes the next message as soon as the ack is made, not a poll timeout later."""
+    """prefetch=1, handlers on workers, each message acked 0.2 s later by another thread: the
+    consumer, waiting for room, takes the next message as soon as the ack is made, not a poll
+    timeout later."""
     _send(transport, 3)
     acked: list[float] = []
     done = threading.Event()
@@ -101,7 +102,7 @@ def test_an_ack_from_another_thread_refills_a_full_window_at_once(
                     done.set()
             threading.Timer(0.2, ack).start()
 
-    consumer = transport.consumer(BINDING, None, handle, name="t-refill", prefetch=1)
+    consumer = transport.consumer(BINDING, None, handle, name="t-refill", prefetch=1, workers=2)
     consumer.settle_interval = WAIT  # only a wake-up can make this fast
     consumer.poll_interval = WAIT
     began = time.monotonic()

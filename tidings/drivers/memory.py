@@ -178,10 +178,9 @@ class _MemoryReceiver(Receiver):
         with broker.lock:
             self._unsettled -= len(outcomes)
             # Requeued messages go back to the head of their queue, the oldest first.
-            for msg, how in reversed(outcomes):
-                if how == REQUEUE:
-                    q = msg.token
-                    q.messages.appendleft((msg.body, msg.message_id, msg.headers or None, True))
+            for msg in reversed([m for m, how in outcomes if how is REQUEUE]):
+                msg.token.messages.appendleft((msg.body, msg.message_id, msg.headers or None,
+                                               True))
             for q in self._queues:  # room was made: let waiting messages in
                 if q.messages:
                     broker.pump(q)
@@ -213,7 +212,6 @@ class MemoryDriver(Driver):
         pools=True, requeue=True, requeue_to_other_member=True, exchanges=True,
         at_least_once=True, durable=False, stores_without_listener=True, dead_letter=False,
         prefetch=True, confirmed_send=True)
-    options: dict[str, Any] = {}
 
     def __init__(self, url: TransportURL, options: dict[str, Any]) -> None:
         super().__init__(url, options)
@@ -221,9 +219,8 @@ class MemoryDriver(Driver):
 
     def send_batch(self, messages: Sequence[OutgoingMessage],
                    timeout: float | None) -> list[BaseException | None]:
-        publish = self._broker.publish
         for message in messages:
-            publish(message)
+            self._broker.publish(message)
         return [None] * len(messages)
 
     def listen(self, bindings: Sequence[Binding], pool: str | None,

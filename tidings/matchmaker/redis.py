@@ -94,7 +94,8 @@ class RedisMatchMaker(MatchMaker):
                       f"{(host and host.port) or 6379}/{db_text}"
         self._client = redis.Redis(
             host=(host and host.hostname) or "127.0.0.1", port=(host and host.port) or 6379,
-            db=int(db_text), username=host and host.username, password=host and host.password,
+            db=int(db_text), username=host.username if host else None,
+            password=host.password if host else None,
             socket_timeout=5.0, socket_connect_timeout=5.0, health_check_interval=30,
             # One immediate retry heals a pooled connection the server closed; anything longer
             # is the core's retry policy's call (a listener's refresh retries on its own).

@@ -167,7 +167,7 @@ class Notifier:
                     send(self, context, msg, wire_priority)
                 else:
                     self.transport._send_notifications(self._targets(wire_priority), context,
-                                                       msg, version, self.retry)
+                                                       msg, version or 2.0, self.retry)
             except MessageDeliveryFailure as exc:
                 self.stats.failed()
                 if self.raise_on_failure:
@@ -303,14 +303,14 @@ class BackgroundNotifier(Notifier):
                     out, where = batches.setdefault(owner.retry, ([], []))
                     for target in owner._targets(wire_priority):
                         out.append(owner.transport.encode_notification(
-                            target, context, msg, version))
+                            target, context, msg, version or 2.0))
                         where.append(index)
             except Exception as exc:
                 errors[index] = exc
         for retry, (out, where) in batches.items():
-            for index, exc in zip(where, self.transport.send_many(out, retry), strict=True):
-                if exc is not None and errors[index] is None:
-                    errors[index] = exc
+            for index, failed in zip(where, self.transport.send_many(out, retry), strict=True):
+                if failed is not None and errors[index] is None:
+                    errors[index] = failed
         took = time.perf_counter() - began
         for (owner, (_, msg, _)), exc in zip(items, errors, strict=True):
             if exc is None:

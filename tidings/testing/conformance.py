@@ -467,7 +467,8 @@ class DriverConformance:
                                 filter_rule=NotificationFilter(context={"project": "^p1$"}))
         everything = RecordingEndpoint(inbox, "all")
         listener = h.listener([compute, api, ctx, everything])
-        sends = [("compute.host", "compute.instance.create", {"state": "active"}, {}, "c1"),
+        sends: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
+                 ("compute.host", "compute.instance.create", {"state": "active"}, {}, "c1"),
                  ("api.host", "image.upload", {"state": "active"}, {"project": "p1"}, "a1"),
                  ("api.host", "image.delete", {"state": "deleted"}, {}, "a2"),
                  ("other", "volume.attach", {"state": 1}, {"project": "p2"}, "o1")]
@@ -877,6 +878,83 @@ class DriverConformance:
         for m in held:
             m.ack()
         assert sorted(h.key_of(m) for m in received) == sorted(keys)
+
+    def test_a_notifier_with_several_topics_reaches_each_topics_listeners(
+            self, tidings_harness: Harness) -> None:
+        """One notification sent to two topics reaches the listeners of both. It carries the
+        same message_id on each: a driver that de-duplicates by message_id across routing keys
+        loses one copy and fails here."""
+        h = tidings_harness
+        inbox = Inbox()
+        t1, t2 = f"{h.topic}-a", f"{h.topic}-b"
+        h.listener([RecordingEndpoint(inbox, "A")], [h.target(t1)])
+        h.listener([RecordingEndpoint(inbox, "B")], [h.target(t2)])
+        notifier = h.notifier(topics=[t1, t2])
+        for i in range(3):
+            notifier.info({}, "conformance.topics", {"key": f"k{i}"})
+        keys = ["k0", "k1", "k2"]
+        inbox.wait_keys(keys, h.timeout, member="A")
+        inbox.wait_keys(keys, h.timeout, member="B")
+        ids = {m: sorted(r.metadata["message_id"] for r in inbox.items if r.member == m)
+               for m in "AB"}
+        assert ids["A"] == ids["B"], "each topic's copy carries the notification's message_id"
+        assert sorted(inbox.keys("A")) == keys and sorted(inbox.keys("B")) == keys
+
+    def test_an_idle_listener_gets_a_notification_without_waiting_out_a_poll(
+            self, tidings_harness: Harness) -> None:
+        """Latency: with receive() timeouts of 2 s, a notification sent to an idle listener
+        arrives in well under that. A driver that returns only when its timeout ends (or
+        delivers one message per timeout) fails here."""
+        h = tidings_harness
+        inbox = Inbox()
+        listener = h.listener([RecordingEndpoint(inbox)], start=False)
+        listener._loop.poll_interval = 2.0
+        listener.start()
+        notifier = h.notifier()
+        notifier.info({}, "conformance.latency", {"key": "warm-up"})
+        inbox.wait_keys(["warm-up"], h.timeout)
+        took = []
+        for i in range(5):
+            time.sleep(0.3)  # not a wait for a result: idle time, so receive() is blocked
+            began = time.monotonic()
+            notifier.info({}, "conformance.latency", {"key": f"l{i}"})
+            inbox.wait_keys([f"l{i}"], h.timeout)
+            took.append(time.monotonic() - began)
+        took.sort()
+        assert took[2] < 1.0, (f"an idle listener took {took} s to get a notification: "
+                               f"receive() must return as soon as a message is there")
+
+    def test_concurrent_endpoints_stay_within_prefetch_and_settle_each_once(
+            self, tidings_harness: Harness) -> None:
+        """Endpoints run on the worker pool: several at once (an endpoint that waits on I/O
+        does not hold up the next message), never more than prefetch at a time, and each
+        message handled and acknowledged exactly once."""
+        h = tidings_harness
+        inbox = Inbox()
+        lock = threading.Lock()
+        running = [0, 0]  # now, most at once
+
+        def slow(r: Received) -> None:
+            with lock:
+                running[0] += 1
+                running[1] = max(running[1], running[0])
+            time.sleep(0.05)  # an endpoint waiting on a database
+            with lock:
+                running[0] -= 1
+
+        listener = h.listener([RecordingEndpoint(inbox, on_message=slow)], prefetch=4,
+                              pool_size=16)
+        keys = [f"c{i}" for i in range(40)]
+        notifier = h.notifier()
+        for key in keys:
+            notifier.info({}, "conformance.concurrent", {"key": key})
+        inbox.wait_keys(keys, h.timeout)
+        h.stop(listener)
+        assert sorted(inbox.keys()) == sorted(keys), "a message was handled twice"
+        assert running[1] <= 4, f"{running[1]} endpoints ran at once with prefetch=4"
+        assert running[1] > 1, "endpoints ran one at a time on the threading executor"
+        stats = listener.stats.snapshot()
+        assert stats["acknowledged"] == len(keys) and stats["in_flight"] == 0, stats
 
     def test_send_and_listen_after_cleanup_raise(self, tidings_harness: Harness) -> None:
         """After cleanup(), sending and listening raise TransportClosed saying what to do."""

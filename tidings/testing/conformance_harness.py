@@ -324,10 +324,12 @@ class Harness:
     def listener(self, endpoints: Sequence[Any], targets: Sequence[Target] | None = None, *,
                  transport: Transport | None = None, pool: str | None = None,
                  allow_requeue: bool = False, prefetch: int | None = None,
-                 start: bool = True) -> NotificationListener:
+                 start: bool = True, executor: str = "threading",
+                 pool_size: int = 64) -> NotificationListener:
         listener = get_notification_listener(
             transport or self._default_transport(), list(targets or [self.target()]),
-            list(endpoints), allow_requeue=allow_requeue, pool=pool, prefetch=prefetch)
+            list(endpoints), executor=executor, allow_requeue=allow_requeue, pool=pool,
+            prefetch=prefetch, executor_thread_pool_size=pool_size)
         self._listeners.append(listener)
         if start:
             listener.start()

@@ -317,7 +317,7 @@ class Driver(abc.ABC):
     """
 
     name: ClassVar[str] = ""
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    capabilities: Capabilities = Capabilities()
     options: ClassVar[Mapping[str, Option[Any]]] = {}
 
     def __init__(self, url: TransportURL, options: Mapping[str, Any]) -> None:

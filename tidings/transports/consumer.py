@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from tidings.transports.base import REJECT, REQUEUE, IncomingMessage, Receiver
+from tidings.transports.base import ACK, REQUEUE, IncomingMessage, Receiver
 from tidings.transports.errors import ListenerLifecycleError, TransportUnreachable
 from tidings.transports.retry import Backoff
 from tidings.transports.stats import ConsumerStats
@@ -94,6 +94,7 @@ class Consumer:
         self._receiver: Receiver | None = None
         self._interruptible = False
         self._executor: Inline | WorkerPool = Inline()
+        self._sink: Callable[[IncomingMessage], None] = self._enqueue
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
@@ -127,6 +128,10 @@ class Consumer:
             self._state = _BUSY
             self._executor = (WorkerPool(self._workers, f"{self._name}-worker")
                               if self._workers else Inline())
+            # Handlers on workers settle from other threads: wake the poll thread for them.
+            # Inline handlers settle on the poll thread itself, so a plain append will do (a
+            # settlement made elsewhere by the application waits at most settle_interval).
+            self._sink = self._enqueue if self._workers else self._settlements.append
             self._thread = threading.Thread(target=self._run, args=(receiver,),
                                             name=self._name, daemon=True)
             self._thread.start()
@@ -175,29 +180,29 @@ class Consumer:
         queued = self._settlements
         held = self._held
         batch = []
-        acks = requeues = rejects = dropped = 0
+        requeues = rejects = dropped = 0
         while queued:
             msg = queued.popleft()
             if held.pop(msg, 0) is not None:  # not ours any more: from a lost connection
                 dropped += 1
                 continue
             how = msg._settled
-            batch.append((msg, how))
-            if how == REQUEUE:
-                requeues += 1
-            elif how == REJECT:
-                rejects += 1
-            else:
-                acks += 1
+            batch.append((msg, how or ACK))
+            if how is not ACK:  # the constants themselves: ack() stores ACK
+                if how is REQUEUE:
+                    requeues += 1
+                else:
+                    rejects += 1
         if dropped:
             LOG.debug("%s: dropped %d settlement(s) of messages from a lost connection; the "
                       "broker delivers them again", self._name, dropped)
         if batch:
             receiver.settle(batch)
-            self.stats.settled_many(acks, requeues, rejects)
+            self.stats.settled_many(len(batch) - requeues - rejects, requeues, rejects)
 
     # -- the poll thread ----------------------------------------------------------------
-    def _run(self, receiver: Receiver) -> None:
+    def _run(self, receiver: Receiver | None) -> None:
+        assert receiver is not None
         self._receiver = receiver
         self._interruptible = type(receiver).interrupt is not Receiver.interrupt
         pending: list[IncomingMessage] = []  # batching: received, not yet a full batch
@@ -216,7 +221,7 @@ class Consumer:
                     if pending and self._batch_timeout is not None:
                         timeout = max(0.0, min(timeout, first_at + self._batch_timeout
                                                - time.monotonic()))
-                    if self._held and not self._interruptible:
+                    if self._held and (not self._interruptible or self._sink is not self._enqueue):
                         timeout = min(timeout, self.settle_interval)
                     self._state = _RECEIVING
                     if self._settlements:  # one arrived before the state said where we are
@@ -227,20 +232,21 @@ class Consumer:
                         self._state = _BUSY
                 except Exception as exc:
                     pending.clear()
-                    receiver = self._reconnect(receiver, exc)
-                    if receiver is None:
+                    again = self._reconnect(receiver, exc)
+                    if again is None:
+                        receiver = None
                         return
+                    receiver = again
                     continue
-                if got:
-                    got = self._accept(got, room)
+                accepted = self._accept(got, room) if got else []
                 if not self._batching:
-                    if got:
-                        self._dispatch(got)
+                    if accepted:
+                        self._dispatch(accepted)
                     continue
-                if got:
+                if accepted:
                     if not pending:
                         first_at = time.monotonic()
-                    pending.extend(got)
+                    pending.extend(accepted)
                 size = self._batch_size or len(pending) or 1
                 while len(pending) >= size and not stop.is_set():
                     batch, pending = pending[:size], pending[size:]
@@ -260,19 +266,22 @@ class Consumer:
                       "them all (a driver bug: prefetch is exceeded)", self._name, len(got),
                       room)
         held = self._held
-        sink = self._enqueue
-        good: list[IncomingMessage] = []
+        sink = self._sink
+        bad = False
         for msg in got:
             msg._sink = sink
             held[msg] = None
-            if msg.problem is None:
-                good.append(msg)
-            else:
+            if msg.problem is not None:
+                bad = True
+        self.stats.received(len(got))
+        if not bad:
+            return got if isinstance(got, list) else list(got)
+        for msg in got:
+            if msg.problem is not None:
                 LOG.error("%s: rejecting message %s: %s", self._name,
                           msg.message_id or "(no id)", msg.problem)
                 msg.reject()
-        self.stats.received(len(got))
-        return good
+        return [m for m in got if m.problem is None]
 
     def _dispatch(self, messages: list[IncomingMessage]) -> None:
         executor = self._executor
@@ -301,7 +310,8 @@ class Consumer:
         self._wake.clear()
         self._state = _WAITING
         if not self._settlements:
-            self._wake.wait(self.poll_interval)
+            self._wake.wait(self.poll_interval if self._executor.concurrent
+                            else self.settle_interval)
         self._state = _BUSY
 
     def _reconnect(self, receiver: Receiver, exc: Exception) -> Receiver | None:

@@ -14,6 +14,7 @@ consume (and feed) real OpenStack notification streams. A notification message i
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +37,10 @@ _V2_HEAD = f'{{"{VERSION_KEY}": "{SUPPORTED_VERSION}", "{MESSAGE_KEY}": '
 # What decode() recognises without a general JSON parse of the envelope: our own (and
 # oslo.messaging's) exact v2 layout, up to the opening quote of the oslo.message string.
 _V2_PREFIX = _V2_HEAD + '"'
-_scanstring = json.decoder.scanstring
+_scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
 # The C scanner behind json.loads, called directly: it skips loads()' per-call type checks
 # and whitespace regexes, which cost as much as the parse of a small notification.
-_scan_once = json.JSONDecoder().scan_once
+_scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def _make_fast_dumps() -> Any:
@@ -74,7 +75,7 @@ def _dumps_inner(message: dict[str, Any]) -> str:
         return _dumps(message)  # ValueError for a cycle; RecursionError if just too deep
 
 
-def pack_context(message: dict[str, Any], ctxt: dict[str, Any]) -> dict[str, Any]:
+def pack_context(message: dict[str, Any], ctxt: Mapping[str, Any]) -> dict[str, Any]:
     """Flatten ``ctxt`` into ``_context_<key>`` entries of ``message``, as oslo.messaging does."""
     for key, value in ctxt.items():
         message[CONTEXT_PREFIX + str(key)] = value

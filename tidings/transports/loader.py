@@ -8,7 +8,7 @@ its driver is asked for.
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from stevedore.driver import DriverManager
 
@@ -33,7 +33,7 @@ def entry_point_names(namespace: str) -> list[str]:
     return sorted({ep.name for ep in entry_points(group=namespace)})
 
 
-def load_plugin(namespace: str, name: str, base: type[T], *, unknown: str,
+def load_plugin(namespace: str, name: str, base: Any, *, unknown: str,
                 unimportable: str) -> type[T]:
     """The class registered as ``name`` in ``namespace``, a subclass of ``base``, or
     DriverLoadFailure. ``unknown`` and ``unimportable`` are the messages (``str.format`` with
@@ -43,7 +43,8 @@ def load_plugin(namespace: str, name: str, base: type[T], *, unknown: str,
         raise DriverLoadFailure(unknown.format(name=name, installed=", ".join(installed)
                                                or "none"))
     try:
-        mgr = DriverManager(namespace, name, invoke_on_load=False)  # imports this one only
+        # imports this one only
+        mgr: DriverManager[Any] = DriverManager(namespace, name, invoke_on_load=False)
     except ImportError as exc:
         raise DriverLoadFailure(unimportable.format(name=name, exc=exc)) from exc
     except Exception as exc:  # stevedore wraps many failures; say which plug-in failed
