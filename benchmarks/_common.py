@@ -5,6 +5,7 @@ tidings.testing.brokers.rabbit_vhost; the tidings-side harness is tidings.bench.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from tidings.notify.stamps import new_message_id, utc_timestamp
@@ -41,15 +42,21 @@ def read_wire_body(body: bytes) -> tuple[Any, ...]:
 
 class Counter:
     """An endpoint (for tidings and oslo.messaging alike) that counts and signals the N-th
-    notification."""
+    notification. Thread-safe: both libraries call endpoints from a pool of threads.
+    ``wait``: seconds each call waits first, as an endpoint that writes to a database does."""
 
-    def __init__(self, expected: int) -> None:
+    def __init__(self, expected: int, wait: float = 0.0) -> None:
         self.expected = expected
+        self.wait = wait
         self.count = 0
         self.done = threading.Event()
+        self._lock = threading.Lock()
 
     def info(self, ctxt: Any, publisher_id: Any, event_type: Any, payload: Any,
              metadata: Any) -> None:
-        self.count += 1
-        if self.count >= self.expected:
-            self.done.set()
+        if self.wait:
+            time.sleep(self.wait)
+        with self._lock:
+            self.count += 1
+            if self.count >= self.expected:
+                self.done.set()

@@ -22,9 +22,10 @@ change dict probing)::
 ``--layer`` says how much of tidings the rounds go through, each layer adding to the one
 before, so the differences say what each costs: ``wire`` (ids, timestamp, v2 encode and decode,
 the endpoint call: tidings' wire work alone), ``broker`` (+ the memory:// driver and the core's
-consumer: send, hand-over, held set, batched settlement), ``transport`` (+ Transport: packing, size checks, retry frame, decode checks),
-``notifier`` (+ Notifier: building the message, statistics) and ``full`` (+ the listener:
-Notification, dispatch, settlement policy, statistics).
+consumer: send, hand-over, held set, batched settlement), ``transport`` (+ Transport: packing,
+size checks, retry frame, decode checks), ``notifier`` (+ Notifier: building the message,
+statistics) and ``full`` (+ the listener: Notification, dispatch, settlement policy,
+statistics).
 """
 
 from __future__ import annotations
