@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -116,6 +117,20 @@ def test_bad_url_error_masks_password() -> None:
         TransportURL.parse(f"rabbit://user:{SECRET}@host:bad/")
     assert SECRET not in str(info.value)
     assert "user:****@host" in str(info.value)
+
+
+@pytest.mark.parametrize("password", ["Kx7q#Zw9r", "Kx7q?Zw9r", "Kx7q/Zw9r", "Kx7q,Zw9r",
+                                      "Kx7q@Zw9r", "Kx7q/Zw9r?Mv3t#Jp5s,Hd8y"])
+def test_unencoded_special_characters_in_a_password_never_show(password: str) -> None:
+    url = f"rabbit://user:{password}@host:5672/vhost"
+    secret_parts = [p for p in re.split(r"[#?/,@]", password) if p]
+    masked = mask_password(f"connect to {url} failed")
+    assert "user:****@" in masked and not any(p in masked for p in secret_parts), masked
+    try:
+        TransportURL.parse(url)
+    except InvalidTransportURL as exc:
+        assert not any(p in str(exc) for p in secret_parts), str(exc)
+        assert "%-encode" in str(exc)
 
 
 def test_not_a_string() -> None:

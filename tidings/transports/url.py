@@ -18,8 +18,11 @@ __all__ = ["TransportHost", "TransportURL", "mask_password"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9.\-]*(\+[A-Za-z][A-Za-z0-9.\-]*)*$")
 _MASK = "****"
-# The authority part (hosts and credentials) of anything that looks like a URL in free text.
-_AUTHORITY_IN_TEXT = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<auth>[^\s/?#]*)")
+# Anything that looks like a URL in free text: its scheme and the rest of the word. Quotes end
+# it too, since error messages quote URLs.
+_URL_IN_TEXT = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<rest>[^\s'\"]*)")
+# Characters that end the authority of a well-formed URL.
+_AUTHORITY_END = re.compile(r"[/?#]")
 
 
 def _mask_host(piece: str) -> str:
@@ -36,11 +39,30 @@ def mask_password(text: str) -> str:
     Used on any string that might carry a URL the user typed (an unparsable URL, a driver's error
     message) before it reaches a log line or an exception, so a secret never leaks by accident.
     """
-    def _one(match: re.Match[str]) -> str:
-        auth = ",".join(_mask_host(p) for p in match.group("auth").split(","))
-        return match.group("scheme") + auth
+    return _URL_IN_TEXT.sub(_mask_url, text)
 
-    return _AUTHORITY_IN_TEXT.sub(_one, text)
+
+def _mask_url(match: re.Match[str]) -> str:
+    """One URL: each host's password masked. A password typed without %-encoding its ``/``,
+    ``?``, ``#``, ``,`` or ``@`` makes the URL ambiguous; then everything from the first
+    user's ``:`` to the last ``@`` is masked, so no part of such a password shows."""
+    scheme, rest = match.group("scheme"), match.group("rest")
+    last_at = rest.rfind("@")
+    if last_at < 0:
+        return scheme + rest
+    end = _AUTHORITY_END.search(rest)
+    auth_end = end.start() if end else len(rest)
+    pieces = rest[:auth_end].split(",")
+    # A piece without credentials before one with them: "user:pa,ss@host" (or a host:port
+    # list; masking that too costs only a port number in a message).
+    split_password = any("@" not in p and "@" in q for i, p in enumerate(pieces)
+                         for q in pieces[i + 1:])
+    if last_at < auth_end and not split_password:
+        return scheme + ",".join(_mask_host(p) for p in pieces) + rest[auth_end:]
+    colon = rest.find(":")
+    if colon < 0 or colon > last_at:
+        return scheme + rest
+    return f"{scheme}{rest[:colon]}:{_MASK}{rest[last_at:]}"
 
 
 @dataclass(frozen=True)
@@ -132,6 +154,10 @@ class TransportURL:
             raise InvalidTransportURL(
                 f"invalid transport URL {shown!r}: a fragment ('#...') has no meaning here; "
                 f"%-encode '#' as %23 if it is part of a password")
+        if "@" in rest.partition("/")[2] or "@" in rest.partition("?")[2]:
+            raise InvalidTransportURL(
+                f"invalid transport URL {shown!r}: an '@' after the host part; if the password "
+                f"holds '/', '?', '#', ',' or '@', %-encode them (%2F, %3F, %23, %2C, %40)")
         rest, _, query_text = rest.partition("?")
         netloc, slash, path = rest.partition("/")
         hosts = tuple(cls._parse_host(h, shown) for h in netloc.split(",")) if netloc else ()
@@ -173,9 +199,12 @@ class TransportURL:
         port = None
         if port_text:
             if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                # Not echoed when the URL has credentials: "user:pa,ss@h" splits the password
+                # at the comma and makes its first half look like a port.
+                what = "a port" if "@" in shown else f"port {port_text!r}"
                 raise InvalidTransportURL(
-                    f"invalid transport URL {shown!r}: port {port_text!r} must be a number "
-                    f"from 1 to 65535")
+                    f"invalid transport URL {shown!r}: {what} must be a number from 1 to "
+                    f"65535 (if the password holds '/', '?', '#', ',' or '@', %-encode them)")
             port = int(port_text)
         elif text.endswith(":"):
             raise InvalidTransportURL(
