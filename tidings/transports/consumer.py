@@ -11,6 +11,10 @@ Everything about receiving that is the same on every broker happens here, once:
 * **dispatch**: handlers run inline (``blocking``) or on a bounded worker pool (``threading``);
 * **isolation**: a delivery the driver could not unwrap is rejected alone, a handler that
   raises rejects only the messages it was given;
+* **redelivery**: a requeued message goes back after a delay that doubles with each of its
+  deliveries (it keeps its prefetch slot meanwhile, so it cannot come straight back in a hot
+  loop), and once it has been delivered ``max_deliveries`` times it is rejected instead
+  (dead-lettered where the driver and broker can), logged at ERROR with its id and counted;
 * **reconnecting**: when ``receive()`` or ``settle()`` raises, what the lost connection
   delivered is forgotten (the broker delivers it again), and ``listen()`` is called again under
   one exponential backoff (the URL's ``reconnect_interval`` and ``reconnect_max_interval``);
@@ -23,13 +27,15 @@ Every driver call for one listener comes from this consumer's poll thread, excep
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
-from tidings.transports.base import ACK, REQUEUE, IncomingMessage, Receiver
+from tidings.transports.base import ACK, REJECT, REQUEUE, IncomingMessage, Outcome, Receiver
 from tidings.transports.errors import ListenerLifecycleError, TransportUnreachable
 from tidings.transports.retry import Backoff
 from tidings.transports.stats import ConsumerStats
@@ -41,6 +47,10 @@ LOG = logging.getLogger(__name__)
 
 Handler = Callable[[list[IncomingMessage]], None]
 """Takes messages and settles each one (ack, requeue or reject)."""
+
+#: How many requeued message ids a consumer remembers to count their deliveries (the oldest are
+#: forgotten first; a message whose count was forgotten starts again from its broker's flag).
+_REMEMBERED = 10_000
 
 # What the poll thread is doing, for a settlement made elsewhere: whether to wake it, and how.
 _BUSY, _WAITING, _RECEIVING = 0, 1, 2
@@ -63,7 +73,8 @@ class Consumer:
     def __init__(self, open_receiver: Callable[[], Receiver], handle: Handler, *, name: str,
                  prefetch: int, workers: int = 0, batch_size: int | None = None,
                  batch_timeout: float | None = None, stats: ConsumerStats | None = None,
-                 backoff: tuple[float, float] = (0.2, 5.0)) -> None:
+                 backoff: tuple[float, float] = (0.2, 5.0), max_deliveries: int | None = 5,
+                 requeue_delay: tuple[float, float] = (0.1, 1.0)) -> None:
         if batch_size is not None and (isinstance(batch_size, bool)
                                        or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer or None")
@@ -73,6 +84,14 @@ class Consumer:
             raise ValueError(f"prefetch={prefetch!r} must be a positive integer")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ValueError(f"workers={workers!r} must be 0 (inline) or a positive integer")
+        if max_deliveries is not None and (isinstance(max_deliveries, bool)
+                                           or not isinstance(max_deliveries, int)
+                                           or max_deliveries < 1):
+            raise ValueError(f"max_deliveries={max_deliveries!r} must be a positive number of "
+                             f"deliveries, or None for no limit")
+        if not 0 <= requeue_delay[0] <= requeue_delay[1]:
+            raise ValueError(f"requeue_delay={requeue_delay!r} must be (first, longest) seconds, "
+                             f"0 <= first <= longest")
         self._open = open_receiver
         self._handle = handle
         self._name = name
@@ -82,6 +101,13 @@ class Consumer:
         self._batch_timeout = batch_timeout
         self._batching = batch_size is not None or batch_timeout is not None
         self._backoff = backoff
+        self._max_deliveries = max_deliveries
+        self._requeue_delay = requeue_delay
+        # message key -> the delivery number of its last requeued delivery
+        self._deliveries: OrderedDict[object, int] = OrderedDict()
+        # (due, n, message): requeues waiting out their delay, still held
+        self._delayed: list[tuple[float, int, IncomingMessage]] = []
+        self._order = itertools.count()
         self.stats = stats or ConsumerStats()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -125,6 +151,7 @@ class Consumer:
             self._stop.clear()
             self._held = {}
             self._settlements = deque()
+            self._delayed = []
             self._state = _BUSY
             self._executor = (WorkerPool(self._workers, f"{self._name}-worker")
                               if self._workers else Inline())
@@ -179,16 +206,24 @@ class Consumer:
         """Hand every queued settlement of a held message to the driver, as one batch."""
         queued = self._settlements
         held = self._held
-        batch = []
+        batch: list[Outcome] = []
         requeues = rejects = dropped = 0
         while queued:
             msg = queued.popleft()
             if held.pop(msg, 0) is not None:  # not ours any more: from a lost connection
                 dropped += 1
                 continue
-            how = msg._settled
-            batch.append((msg, how or ACK))
-            if how is not ACK:  # the constants themselves: ack() stores ACK
+            how = msg._settled or ACK
+            if how is REQUEUE:  # the constants themselves: requeue() stores REQUEUE
+                verdict = self._redeliver(msg)
+                if verdict is None:  # waits out its delay, still held
+                    held[msg] = None
+                    continue
+                how = verdict
+            elif self._deliveries:
+                self._deliveries.pop(_key(msg), None)
+            batch.append((msg, how))
+            if how is not ACK:
                 if how is REQUEUE:
                     requeues += 1
                 else:
@@ -199,6 +234,44 @@ class Consumer:
         if batch:
             receiver.settle(batch)
             self.stats.settled_many(len(batch) - requeues - rejects, requeues, rejects)
+
+    def _redeliver(self, msg: IncomingMessage) -> str | None:
+        """The redelivery policy for a requeued message: REJECT once it has had its
+        deliveries, REQUEUE if it may go back now, None if it waits out a delay first."""
+        key = _key(msg)
+        known = self._deliveries.pop(key, None)
+        number = msg.delivery_count or (known + 1 if known else (2 if msg.redelivered else 1))
+        limit = self._max_deliveries
+        if limit is not None and number >= limit:
+            LOG.error("%s: message %s was delivered %d times and never handled (max_deliveries="
+                      "%d): rejecting it (dead-lettered where the driver can)", self._name,
+                      msg.message_id or "(no id)", number, limit)
+            msg._settled = REJECT
+            self.stats.gave_up(1)
+            return REJECT
+        self._deliveries[key] = number
+        if len(self._deliveries) > _REMEMBERED:
+            self._deliveries.popitem(last=False)
+        first, longest = self._requeue_delay
+        delay = min(longest, first * 2 ** (number - 1))
+        if delay <= 0:
+            return REQUEUE
+        heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._order), msg))
+        return None
+
+    def _release_due(self, receiver: Receiver) -> float:
+        """Requeue the delayed messages whose time has come; seconds until the next one."""
+        delayed = self._delayed
+        now = time.monotonic()
+        due = []
+        while delayed and delayed[0][0] <= now:
+            msg = heapq.heappop(delayed)[2]
+            if self._held.pop(msg, 0) is None:
+                due.append((msg, REQUEUE))
+        if due:
+            receiver.settle(due)
+            self.stats.settled_many(0, len(due), 0)
+        return delayed[0][0] - now if delayed else self.poll_interval
 
     # -- the poll thread ----------------------------------------------------------------
     def _run(self, receiver: Receiver | None) -> None:
@@ -213,11 +286,13 @@ class Consumer:
                 try:
                     if self._settlements:
                         self._flush(receiver)
+                    timeout = self.poll_interval
+                    if self._delayed:
+                        timeout = min(timeout, self._release_due(receiver))
                     room = self._prefetch - len(self._held)
                     if room <= 0:
-                        self._wait_for_room()
+                        self._wait_for_room(timeout)
                         continue
-                    timeout = self.poll_interval
                     if pending and self._batch_timeout is not None:
                         timeout = max(0.0, min(timeout, first_at + self._batch_timeout
                                                - time.monotonic()))
@@ -305,13 +380,13 @@ class Consumer:
                     LOG.error("%s: rejected message %s after a handler failure", self._name,
                               msg.message_id)
 
-    def _wait_for_room(self) -> None:
-        """Every prefetch slot is taken: wait for a settlement (or stop)."""
+    def _wait_for_room(self, timeout: float) -> None:
+        """Every prefetch slot is taken: wait for a settlement, a delayed requeue or stop."""
         self._wake.clear()
         self._state = _WAITING
         if not self._settlements:
-            self._wake.wait(self.poll_interval if self._executor.concurrent
-                            else self.settle_interval)
+            self._wake.wait(timeout if self._executor.concurrent
+                            else min(timeout, self.settle_interval))
         self._state = _BUSY
 
     def _reconnect(self, receiver: Receiver, exc: Exception) -> Receiver | None:
@@ -327,6 +402,7 @@ class Consumer:
                       "message(s) held here again", self._name, exc, lost, exc_info=exc)
         self.stats.lost(lost)
         self._held = {}
+        self._delayed = []
         self._receiver = None
         _close(receiver, self._name)
         backoff = Backoff(*self._backoff)
@@ -353,10 +429,13 @@ class Consumer:
             if not self._executor.stop(timeout=None):
                 LOG.error("%s: handlers still running at close", self._name)
             if receiver is not None:
-                returned = [(m, REQUEUE) for m in self._held if m._claim(REQUEUE)]
                 try:
                     if self._settlements:
                         self._flush(receiver)
+                    # Unsettled, or requeued and waiting out a delay: back to the broker now.
+                    waiting = {m for _, _, m in self._delayed}
+                    returned = [(m, REQUEUE) for m in self._held
+                                if m._claim(REQUEUE) or m in waiting]
                     if returned:
                         receiver.settle(returned)
                         self.stats.returned(len(returned))
@@ -367,8 +446,14 @@ class Consumer:
                 _close(receiver, self._name)
         finally:
             self._held = {}
+            self._delayed = []
             self._settlements.clear()
             self._receiver = None
+
+
+def _key(msg: IncomingMessage) -> object:
+    """What identifies a message across its redeliveries: its id, else its body."""
+    return msg.message_id or hash(msg.body)
 
 
 def _close(receiver: Receiver, name: str) -> None:

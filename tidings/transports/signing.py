@@ -92,6 +92,11 @@ class SigningKeys:
             given = base64.b64decode(field["sig"], validate=True)
         except ValueError:
             raise SignatureError("signature is not valid base64") from None
-        if not hmac.compare_digest(given, self._mac(kid, inner)):
+        try:
+            expected = self._mac(kid, inner)
+        except UnicodeEncodeError:  # a lone surrogate: no signer could have produced it
+            raise SignatureError("the signed text is not valid Unicode (a lone surrogate); "
+                                 "it cannot have been signed") from None
+        if not hmac.compare_digest(given, expected):
             raise SignatureError(f"signature does not match (key id {kid!r}): the message was "
                                  f"altered or signed with another secret")

@@ -45,6 +45,7 @@ class ConsumerStats:
     _latency: _Latency = field(default_factory=_Latency)
     _returned: int = 0
     _lost: int = 0
+    _gave_up: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def received(self, n: int = 1) -> None:
@@ -67,6 +68,11 @@ class ConsumerStats:
         """Messages given back unsettled when a listener stopped."""
         with self._lock:
             self._returned += n
+
+    def gave_up(self, n: int) -> None:
+        """Messages rejected because they reached the listener's max_deliveries."""
+        with self._lock:
+            self._gave_up += n
 
     def lost(self, n: int) -> None:
         """Messages held when a connection was lost: the broker delivers them again."""
@@ -91,6 +97,7 @@ class ConsumerStats:
             return {"received": self._received, "acknowledged": self._settled["ack"],
                     "requeued": self._settled["requeue"], "rejected": self._settled["reject"],
                     "returned_on_close": self._returned,
+                    "rejected_after_max_deliveries": self._gave_up,
                     "lost_with_connection": self._lost,
                     "in_flight": self._received - done,
                     "handler_latency": self._latency.as_dict()}
