@@ -61,6 +61,12 @@ CORE_OPTIONS: dict[str, Option[Any]] = {
                                              "losing its connection, doubling each failure"),
     "reconnect_max_interval": Option(float, 5.0, "longest delay between a listener's "
                                                  "reconnection attempts"),
+    "max_deliveries": Option(int, 5, "reject (or dead-letter) a message once it was delivered "
+                                     "this many times without being handled (0: no limit)"),
+    "requeue_delay": Option(float, 0.1, "first delay before a requeued message goes back, "
+                                        "doubling with each of its deliveries"),
+    "requeue_max_delay": Option(float, 1.0, "longest delay before a requeued message goes "
+                                            "back"),
 }
 
 
@@ -75,8 +81,15 @@ def _check_core_options(values: Mapping[str, Any]) -> None:
         if not values[name] > 0:
             raise InvalidTransportOption(f"URL option {name}={values[name]:g} must be a "
                                          f"positive number of seconds")
+    if values["max_deliveries"] < 0:
+        raise InvalidTransportOption(f"URL option max_deliveries={values['max_deliveries']} "
+                                     f"must be 0 (no limit) or a positive number")
+    if values["requeue_delay"] < 0:
+        raise InvalidTransportOption(f"URL option requeue_delay={values['requeue_delay']:g} "
+                                     f"must be 0 (at once) or a positive number of seconds")
     for first, longest in (("retry_interval", "retry_max_interval"),
-                           ("reconnect_interval", "reconnect_max_interval")):
+                           ("reconnect_interval", "reconnect_max_interval"),
+                           ("requeue_delay", "requeue_max_delay")):
         if values[longest] < values[first]:
             raise InvalidTransportOption(f"URL option {longest}={values[longest]:g} must be "
                                          f"at least {first}={values[first]:g}")
@@ -304,14 +317,16 @@ class Transport:
                  batch_size: int | None = None,
                  batch_timeout: float | None = None) -> Consumer:
         """A (not yet started) consumer of ``bindings`` that hands messages to ``handle``,
-        reconnecting under this transport's reconnect options."""
+        reconnecting and redelivering under this transport's options."""
         count = self._prefetch(prefetch)
         bindings = list(bindings)
+        opts = self.options
         return Consumer(lambda: self.listen(bindings, pool, count), handle, name=name,
                         prefetch=count, workers=workers, batch_size=batch_size,
                         batch_timeout=batch_timeout,
-                        backoff=(self.options["reconnect_interval"],
-                                 self.options["reconnect_max_interval"]))
+                        backoff=(opts["reconnect_interval"], opts["reconnect_max_interval"]),
+                        max_deliveries=opts["max_deliveries"] or None,
+                        requeue_delay=(opts["requeue_delay"], opts["requeue_max_delay"]))
 
     def decode(self, msg: IncomingMessage) -> dict[str, Any]:
         """Decode an incoming body into the wire message, enforcing max_message_size and, with
