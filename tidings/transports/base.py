@@ -319,6 +319,11 @@ class Driver(abc.ABC):
     name: ClassVar[str] = ""
     capabilities: Capabilities = Capabilities()
     options: ClassVar[Mapping[str, Option[Any]]] = {}
+    max_message_size: int = 16 * 1024 * 1024
+    """The transport's ``max_message_size`` option, set by the core once the driver is built
+    (read it in ``send_batch()`` or ``receive()``, not in ``__init__``): a driver whose broker
+    announces a body's size before sending it can refuse a larger one without reading it, and
+    one whose broker has a smaller limit of its own can say so per message."""
 
     def __init__(self, url: TransportURL, options: Mapping[str, Any]) -> None:
         self.url = url

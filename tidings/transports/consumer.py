@@ -36,7 +36,11 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
 from tidings.transports.base import ACK, REJECT, REQUEUE, IncomingMessage, Outcome, Receiver
-from tidings.transports.errors import ListenerLifecycleError, TransportUnreachable
+from tidings.transports.errors import (
+    ListenerLifecycleError,
+    TransportClosed,
+    TransportUnreachable,
+)
 from tidings.transports.retry import Backoff
 from tidings.transports.stats import ConsumerStats
 from tidings.transports.workers import Inline, WorkerPool
@@ -410,6 +414,10 @@ class Consumer:
         while not self._stop.wait(backoff.next()):
             try:
                 receiver = self._open()
+            except TransportClosed:
+                LOG.warning("%s: the transport was cleaned up; not reconnecting. Stop the "
+                            "listener before cleaning up its transport", self._name)
+                return None
             except Exception as again:
                 failures += 1
                 if failures <= 3 or failures % 20 == 0:
