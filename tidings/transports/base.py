@@ -301,8 +301,9 @@ class Receiver(abc.ABC):
         """Optional, from any thread: make a blocked (or the next) ``receive()`` return now.
 
         The core calls it when a settlement arrives while the poll thread waits in
-        ``receive()``. A receiver that does not implement it gets short ``receive()`` timeouts
-        whenever settlements may come, so they wait at most that long.
+        ``receive()``, and on ``stop()``; a call may race with ``close()`` or come after it,
+        and must then do nothing. A receiver that does not implement it gets short
+        ``receive()`` timeouts whenever settlements may come, so they wait at most that long.
         """
 
 

@@ -451,6 +451,7 @@ class Consumer:
                     LOG.warning("%s: settling at close failed (%s); the broker returns "
                                 "unacknowledged messages when the connection closes",
                                 self._name, exc)
+                self._receiver = None  # no interrupt() from stop() once it is closing
                 _close(receiver, self._name)
         finally:
             self._held = {}
