@@ -97,7 +97,8 @@ def test_ctrl_c_acknowledges_nothing_unprinted(url: str) -> None:
             if len(got) == 4:
                 done.set()
 
-    listener = tidings.get_notification_listener(transport, [tidings.Target("cli2")], [Rest()])
+    listener = tidings.get_notification_listener(transport, [tidings.Target(topic="cli2")],
+                                                 [Rest()])
     listener.start()
     assert done.wait(30)
     listener.stop()

@@ -37,8 +37,9 @@ from tidings import (
 from tidings.drivers.rabbit import RabbitDriver
 from tidings.drivers.rabbit.listener import QueueMismatch
 from tidings.testing.brokers import rabbit_vhost, require_service
+from tidings.testing.conformance_harness import RawListener
 from tidings.transports import envelope
-from tidings.transports.base import Binding, IncomingMessage, Listener
+from tidings.transports.base import Binding, IncomingMessage
 from tidings.transports.url import TransportURL
 
 WAIT = 15.0  # the bound on every wait; a healthy run needs a fraction of a second
@@ -163,13 +164,19 @@ class Recorder:
 
 def listen(transports: Any, t: tidings.Transport, topic: str, endpoint: Any,
            **kw: Any) -> Any:
-    listener = tidings.get_notification_listener(t, [Target(topic)], [endpoint], **kw)
+    listener = tidings.get_notification_listener(t, [Target(topic=topic)], [endpoint], **kw)
     transports.listeners.append(listener)
     listener.start()
     return listener
 
 
-def poll_until(listener: Listener, count: int, timeout: float = WAIT) -> list[IncomingMessage]:
+def raw(t: tidings.Transport, bindings: list[Binding], pool: str | None,
+        prefetch: int) -> RawListener:
+    """A driver receiver driven by hand, as the core drives it (poll, settle, close)."""
+    return RawListener(t.listen(bindings, pool, prefetch), prefetch)
+
+
+def poll_until(listener: RawListener, count: int, timeout: float = WAIT) -> list[IncomingMessage]:
     got: list[IncomingMessage] = []
     deadline = time.monotonic() + timeout
     while len(got) < count:
@@ -179,7 +186,7 @@ def poll_until(listener: Listener, count: int, timeout: float = WAIT) -> list[In
     return got
 
 
-def poll_for(listener: Listener, window: float) -> list[IncomingMessage]:
+def poll_for(listener: RawListener, window: float) -> list[IncomingMessage]:
     """Everything that arrives within ``window`` (for checks that something does not)."""
     got: list[IncomingMessage] = []
     deadline = time.monotonic() + window
@@ -200,7 +207,8 @@ def send_keys(t: tidings.Transport, routing_key: str, keys: list[Any],
     """Send raw notifications carrying ``keys`` under ``routing_key`` (``<topic>.info``)."""
     for key in keys:
         message_id, body = wire(key)
-        t.send_raw(Target(routing_key, exchange), body, message_id=message_id, retry=retry)
+        t.send_raw(Target(topic=routing_key, exchange=exchange), body, message_id=message_id,
+                   retry=retry)
 
 
 def key_of(msg: IncomingMessage) -> Any:
@@ -219,11 +227,11 @@ def test_url_defaults_failover_hosts_and_tls_options() -> None:
         return driver.settings
 
     s = settings("rabbit://")
-    assert [(e.host, e.port, e.userid, e.password) for e in s.endpoints] == \
+    assert [(e.host, e.port, e.username, e.password) for e in s.endpoints] == \
         [("localhost", 5672, "guest", "guest")]
     assert s.virtual_host == "/"
     s = settings("rabbit://a:pw1@h1:5673,b:pw2@h2/vh?ssl=true&ssl_ca_file=/ca.pem")
-    assert [(e.host, e.port, e.userid) for e in s.endpoints] == [("h1", 5673, "a"),
+    assert [(e.host, e.port, e.username) for e in s.endpoints] == [("h1", 5673, "a"),
                                                                  ("h2", 5671, "b")]
     assert s.virtual_host == "vh"
     assert s.ssl_options["ca_certs"] == "/ca.pem"
@@ -291,8 +299,9 @@ def test_queue_options_durable_quorum_expiry_ttl(transports: Any, vhost: str) ->
     for name, query in (("durable", "durable=true"),
                         ("quorum", "quorum=true&quorum_delivery_limit=5"),
                         ("ttl", "queue_expiry=120&message_ttl=60")):
-        transports(query).send_raw(Target(f"{topics[name]}.info", f"x-{topics[name]}"),
-                                   wire(1)[1], message_id=name)
+        transports(query).send_raw(
+            Target(topic=f"{topics[name]}.info", exchange=f"x-{topics[name]}"), wire(1)[1],
+            message_id=name)
     queues = rabbitmqctl_queues(vhost)
     durable = queues[f"{topics['durable']}.info"]
     assert durable["durable"] is True and durable["arguments"] == {}
@@ -311,11 +320,12 @@ def test_quorum_queues_consume_requeue_and_bound_prefetch(transports: Any) -> No
     t = transports("quorum=true")
     exchange, topic = f"qx-{uid()}", f"quorum-{uid()}"
     bindings = [Binding(exchange, f"{topic}.info"), Binding(exchange, f"{topic}.error")]
-    listener = t.listen(bindings, None, 4)
+    listener = raw(t, bindings, None, 4)
     try:
         for i in range(6):
-            t.send_raw(Target(f"{topic}.info", exchange), wire(f"i{i}")[1], message_id=f"i{i}")
-            t.send_raw(Target(f"{topic}.error", exchange), wire(f"e{i}", "ERROR")[1],
+            t.send_raw(Target(topic=f"{topic}.info", exchange=exchange), wire(f"i{i}")[1],
+                       message_id=f"i{i}")
+            t.send_raw(Target(topic=f"{topic}.error", exchange=exchange), wire(f"e{i}", "ERROR")[1],
                        message_id=f"e{i}")
         held = poll_until(listener, 4) + poll_for(listener, 0.5)
         assert len(held) == 4, f"prefetch=4 across two quorum queues, got {len(held)}"
@@ -375,13 +385,14 @@ def test_pool_queue_is_named_after_the_pool_and_bound_to_every_topic(
     t = transports()
     pool = f"pool-{uid()}"
     t1, t2 = f"ta-{uid()}", f"tb-{uid()}"
-    listener = t.listen([Binding("openstack", f"{t1}.info"), Binding(f"other-{uid()}",
-                                                                      f"{t2}.error")], pool, 10)
+    other = f"other-{uid()}"
+    listener = raw(t, [Binding("openstack", f"{t1}.info"), Binding(other, f"{t2}.error")], pool,
+                   10)
     try:
         amqp_channel.queue_declare(pool, passive=True)
         send_keys(t, f"{t1}.info", ["a"])
-        t.send_raw(Target(f"{t2}.error", listener._plan[0].bindings[1].exchange),  # type: ignore[attr-defined]
-                   wire("b")[1], message_id="b", retry=3)
+        t.send_raw(Target(topic=f"{t2}.error", exchange=other), wire("b")[1], message_id="b",
+                   retry=3)
         got = poll_until(listener, 2)
         assert sorted(key_of(m) for m in got) == ["a", "b"]
         for m in got:
@@ -413,8 +424,8 @@ def test_requeue_and_close_hand_messages_to_another_member(transports: Any) -> N
     all three, marked redelivered; settling after close is a no-op."""
     t = transports()
     topic = f"other-{uid()}.info"
-    a = t.listen([Binding("openstack", topic)], f"p-{topic}", 10)
-    b: Listener | None = None
+    a = raw(t, [Binding("openstack", topic)], f"p-{topic}", 10)
+    b: RawListener | None = None
     try:
         send_keys(t, topic, ["x", "y", "z"])
         got = poll_until(a, 3)
@@ -422,7 +433,7 @@ def test_requeue_and_close_hand_messages_to_another_member(transports: Any) -> N
         assert by_key["x"].requeue()
         a.close()  # while holding y, z (and maybe x again)
         assert by_key["y"].ack() is False, "a message of a closed listener is settled already"
-        b = t.listen([Binding("openstack", topic)], f"p-{topic}", 10)
+        b = raw(t, [Binding("openstack", topic)], f"p-{topic}", 10)
         rest = poll_until(b, 3)
         assert sorted(key_of(m) for m in rest) == ["x", "y", "z"]
         assert all(m.redelivered for m in rest)
@@ -441,11 +452,11 @@ def test_prefetch_bounds_unsettled_across_several_queues(transports: Any) -> Non
     t = transports()
     topic = f"prefetch-{uid()}"
     bindings = [Binding("openstack", f"{topic}.info"), Binding("openstack", f"{topic}.error")]
-    listener = t.listen(bindings, None, 4)
+    listener = raw(t, bindings, None, 4)
     try:
         for key in range(10):
-            t.send_raw(Target(f"{topic}.info"), wire(f"i{key}")[1], message_id=f"i{key}")
-            t.send_raw(Target(f"{topic}.error"), wire(f"e{key}", "ERROR")[1],
+            t.send_raw(Target(topic=f"{topic}.info"), wire(f"i{key}")[1], message_id=f"i{key}")
+            t.send_raw(Target(topic=f"{topic}.error"), wire(f"e{key}", "ERROR")[1],
                        message_id=f"e{key}")
         held = poll_until(listener, 4)
         held += poll_for(listener, 0.5)
@@ -472,7 +483,7 @@ def test_acknowledgements_are_batched_but_exact(transports: Any, amqp_channel: A
     exactly as asked (a multiple ack must never cover the requeued one)."""
     t = transports()
     topic = f"acks-{uid()}.info"
-    listener = t.listen([Binding("openstack", topic)], None, 50)
+    listener = raw(t, [Binding("openstack", topic)], None, 50)
     try:
         send_keys(t, topic, list(range(30)))
         got = poll_until(listener, 30)
@@ -494,7 +505,7 @@ def test_acknowledgements_are_batched_but_exact(transports: Any, amqp_channel: A
 def test_settlement_from_another_thread_frees_the_slot(transports: Any) -> None:
     t = transports()
     topic = f"thread-{uid()}.info"
-    listener = t.listen([Binding("openstack", topic)], None, 1)
+    listener = raw(t, [Binding("openstack", topic)], None, 1)
     try:
         send_keys(t, topic, ["a", "b"])
         first = poll_until(listener, 1)
@@ -520,7 +531,7 @@ def test_malformed_bodies_are_dead_lettered_and_the_listener_keeps_going(
     listen(transports, t, topic, rec.endpoint("L"))
     bad = [b"\xff\xfe not utf-8", b"not json", b"[1, 2]", b'{"oslo.version": "9.0"}']
     for i, body in enumerate(bad):
-        t.send_raw(Target(f"{topic}.info"), body, message_id=f"bad-{i}")
+        t.send_raw(Target(topic=f"{topic}.info"), body, message_id=f"bad-{i}")
     send_keys(t, f"{topic}.info", ["good"])
     rec.wait_keys(["good"])
     wait_until(lambda: queue_depth(amqp_channel, dlx) == len(bad), "dead letters")
@@ -537,7 +548,7 @@ def test_rejected_without_a_dead_letter_exchange_is_dropped_not_requeued(
         transports: Any, amqp_channel: Any) -> None:
     t = transports()
     topic = f"drop-{uid()}.info"
-    listener = t.listen([Binding("openstack", topic)], None, 10)
+    listener = raw(t, [Binding("openstack", topic)], None, 10)
     try:
         send_keys(t, topic, ["gone"])
         msg = poll_until(listener, 1)[0]
@@ -604,7 +615,7 @@ def test_existing_exchange_with_other_flags_is_used_as_it_is(
     topic = f"mismatch-{uid()}"
     rec = Recorder()
     with caplog.at_level(logging.WARNING, logger="tidings.drivers.rabbit"):
-        listener = tidings.get_notification_listener(t, [Target(topic, exchange)],
+        listener = tidings.get_notification_listener(t, [Target(topic=topic, exchange=exchange)],
                                                      [rec.endpoint("L")])
         transports.listeners.append(listener)
         listener.start()
@@ -648,7 +659,7 @@ def test_unreachable_broker_raises_transport_unreachable(vhost: str) -> None:
                                            f"?connect_timeout=1")
     try:
         with pytest.raises(MessageDeliveryFailure, match=r"127\.0\.0\.1:1"):
-            t.send_raw(Target("t"), wire(1)[1], message_id="m", retry=1)
+            t.send_raw(Target(topic="t"), wire(1)[1], message_id="m", retry=1)
         with pytest.raises(TransportUnreachable, match="cannot connect"):
             t.listen([Binding("openstack", "t.info")], None, 1)
     finally:
@@ -717,7 +728,7 @@ def test_isolate_exchanges_keeps_same_topic_apart(transports: Any) -> None:
     xa, xb = f"xa-{uid()}", f"xb-{uid()}"
     rec = Recorder()
     for name, exchange in (("A", xa), ("B", xb)):
-        listener = tidings.get_notification_listener(t, [Target(topic, exchange)],
+        listener = tidings.get_notification_listener(t, [Target(topic=topic, exchange=exchange)],
                                                      [rec.endpoint(name)])
         transports.listeners.append(listener)
         listener.start()
@@ -747,7 +758,7 @@ def test_batch_listener_and_join_consumer_pool(transports: Any) -> None:
                 cond.notify_all()
 
     listener = tidings.get_batch_notification_listener(
-        t, [Target(topic)], [BatchEndpoint()], batch_size=5, batch_timeout=0.5)
+        t, [Target(topic=topic)], [BatchEndpoint()], batch_size=5, batch_timeout=0.5)
     transports.listeners.append(listener)
     listener.start()
     whole: list[dict[str, Any]] = []

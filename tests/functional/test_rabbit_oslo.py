@@ -115,8 +115,8 @@ def oslo_listener(transport: Any, topic: str, endpoint: Any, running: list[Any],
 
 def tidings_listener(transport: tidings.Transport, topic: str, endpoint: Any,
                      running: list[Any], pool: str | None = None) -> None:
-    listener = tidings.get_notification_listener(transport, [tidings.Target(topic)], [endpoint],
-                                                 pool=pool)
+    listener = tidings.get_notification_listener(transport, [tidings.Target(topic=topic)],
+                                                 [endpoint], pool=pool)
     listener.start()
     running.append(listener)
 
@@ -247,7 +247,7 @@ def test_durable_queues_interoperate(url: str, listeners: list[Any],
     try:
         inbox = Inbox()
         listener = tidings.get_notification_listener(
-            ours, [tidings.Target(topic, exchange)], [inbox.endpoint("tidings")])
+            ours, [tidings.Target(topic=topic, exchange=exchange)], [inbox.endpoint("tidings")])
         listener.start()
         listeners.append(listener)
         oslo_messaging.Notifier(theirs, "h", driver="messagingv2",

@@ -51,7 +51,7 @@ pytestmark = pytest.mark.slow
 
 Figures = Callable[..., dict[str, Any]]
 RETRY_LOG = "tidings.transports.retry"
-RABBIT = Driver("rabbit", "tidings.drivers.rabbit", "reconnected")
+RABBIT = Driver("rabbit", "tidings.transports.consumer", "reconnected")
 
 
 # -- 1. a broker restart in the middle of 10,000 ------------------------------------------------
@@ -89,7 +89,7 @@ def test_rabbit_background_notifier_pipelines_through_connection_resets(
         transport = tidings.get_notification_transport(RABBIT.url(
             proxy.port, vhost, f"prefetch=32&send_timeout=5&{FAST}"))
         try:
-            listener = tidings.get_notification_listener(transport, [Target(topic)],
+            listener = tidings.get_notification_listener(transport, [Target(topic=topic)],
                                                          [endpoint])
             with started(listener):
                 notifier = tidings.BackgroundNotifier(transport, "reliability", topics=[topic],
@@ -162,7 +162,7 @@ def test_rabbit_memory_alarm_bounded_failure_then_recovery(
                      f"&retry_max_interval=0.2&connect_timeout=2"))
     alarmed = False
     try:
-        listener = tidings.get_notification_listener(transport, [Target(topic)],
+        listener = tidings.get_notification_listener(transport, [Target(topic=topic)],
                                                      [endpoint])
         with started(listener):
             notifier = tidings.Notifier(transport, "reliability", topics=[topic],
@@ -231,7 +231,7 @@ def test_rabbit_disk_alarm_blocks_publishers_and_a_background_notifier_waits_it_
                      "&connect_timeout=2"))
     alarmed = False
     try:
-        listener = tidings.get_notification_listener(transport, [Target(topic)], [endpoint])
+        listener = tidings.get_notification_listener(transport, [Target(topic=topic)], [endpoint])
         with started(listener):
             notifier = tidings.Notifier(transport, "reliability", topics=[topic], retry=1,
                                         raise_on_failure=True)

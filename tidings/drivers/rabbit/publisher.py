@@ -1,40 +1,29 @@
-"""Confirmed publishing: ``send()`` returns once RabbitMQ has confirmed the message.
+"""Confirmed publishing over one connection per driver, on a channel in confirm mode.
 
-One connection carries every send of a driver, on a channel in confirm mode. A send publishes
-under a short lock and then waits for its own confirmation. Waiting is shared, not serialised:
-the first waiting thread becomes the reader and dispatches every confirmation that arrives (one
-``basic.ack`` with ``multiple`` may confirm many sends), while other threads keep publishing;
-when the reader's own message is confirmed it hands the reading over to the oldest waiter. So
-concurrent notifiers pipeline their confirmations on one connection with no extra thread and no
-thread hop on the way out, and a single notifier pays one round trip per message, as it must if
-``send()`` is to mean "the broker has it".
-
-Messages go out with ``mandatory`` set: an unroutable message (its queue was deleted since this
-connection declared it) comes back as ``basic.return`` before its ack and the send fails with
-TransportUnreachable, so the core's retry declares the queue again instead of losing the message.
+A batch is published under a short lock (declarations first, then every message in one socket
+write) and its sender then waits for the confirmations. Waiting is shared: the first waiting
+thread reads and dispatches every confirmation (one ``basic.ack multiple`` may confirm many
+sends) while others keep publishing, and hands the reading over to the oldest waiter once its
+own are in; so concurrent notifiers pipeline on one connection with no thread of ours. Messages
+go out ``mandatory``: an unroutable one (its queue was deleted since this connection declared
+it) comes back as ``basic.return`` and fails, so the core's retry declares the queue again.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import amqp
 import amqp.exceptions
 
-from tidings.drivers.rabbit.link import (
-    LINK_ERRORS,
-    Link,
-    LinkRefused,
-    describe_error,
-    open_link,
-)
-from tidings.drivers.rabbit.options import Settings
-from tidings.drivers.rabbit.topology import Topology
+from tidings.drivers.rabbit.link import LINK_ERRORS, Link, LinkRefused, describe_error, open_link
+from tidings.drivers.rabbit.options import Settings, Topology
 from tidings.transports.base import OutgoingMessage
 from tidings.transports.errors import TransportUnreachable
 
@@ -44,12 +33,9 @@ LOG = logging.getLogger("tidings.drivers.rabbit")
 
 
 class _Pending:
-    """One published message waiting for its confirmation.
-
-    ``event`` exists only once its sender has had to wait for another thread (the reader
-    finishes its own message without one): set it after ``done`` is set, and check ``done``
-    after creating it, and no wake-up is lost.
-    """
+    """One published message waiting for its confirmation. ``event`` is made only when its
+    sender has to wait for another thread: set after ``done``, checked after it is made, so
+    no wake-up is lost."""
 
     __slots__ = ("done", "error", "event", "message_id")
 
@@ -85,9 +71,8 @@ class _State:
         self.queues: set[tuple[str, str]] = set()
         self.declare_channel: Any = None
         self.last_read = time.monotonic()
-        #: Why the broker blocks this connection (connection.blocked: a memory or disk alarm),
-        #: or None. While it is set, nothing is published on it: a message written into a
-        #: blocked connection sits unread, unconfirmed, and arrives after the alarm anyway.
+        #: Why the broker blocks this connection (an alarm), or None. Nothing is published on
+        #: it meanwhile: such a message would sit unconfirmed and arrive after the alarm anyway.
         self.blocked: str | None = None
 
 
@@ -98,91 +83,77 @@ class Publisher:
         self._settings = settings
         self._topology = topology
         self._io = threading.Lock()        # writes, frame dispatch and state changes
-        self._reading = threading.Lock()   # held by the one thread reading confirmations
+        self._reading = threading.Lock()   # held by the one thread reading the connection
         self._state: _State | None = None
         self._next_host = 0
         self._closed = False
         self._warned: set[str] = set()
 
-    # -- sending ------------------------------------------------------------------------
-    def send(self, message: OutgoingMessage, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with self._io:
-            st = self._usable_state()
-        self._unblocked(st, deadline, timeout)
-        with self._io:
-            if self._state is not st:
-                st = self._usable_state()
-            pending = self._publish(st, message, timeout)
-        self._await(st, pending, deadline, timeout)
-        if pending.error is not None:
-            raise self._unconfirmed(message, pending.error)
-
-    def send_many(self, messages: Sequence[OutgoingMessage],
-                  timeout: float) -> list[BaseException | None]:
-        """Publish every message, then wait for their confirmations together: one round trip
-        for the lot (the broker acks many with ``multiple``) instead of one per message."""
+    def send_batch(self, messages: Sequence[OutgoingMessage],
+                   timeout: float) -> list[BaseException | None]:
+        """Publish every message, then wait for their confirmations together."""
         deadline = time.monotonic() + timeout
         results: list[BaseException | None] = [None] * len(messages)
         published: list[tuple[int, _Pending]] = []
         try:
             with self._io:
                 st = self._usable_state()
-            self._unblocked(st, deadline, timeout)
+            # Blocked by an alarm: wait (reading, to see connection.unblocked) up to the timeout.
+            self._read(st, lambda: st.blocked is None, deadline)
+            if st.blocked is not None and st.link.alive:
+                raise TransportUnreachable(self._blocked_error(st, timeout))
+            with self._io:
+                if self._state is not st:
+                    st = self._usable_state()
+                try:
+                    for message in messages:  # declares wait for replies: all before corking
+                        self._declare_for(st, message.exchange, message.routing_key)
+                except LINK_ERRORS as exc:
+                    self._drop(st, exc)
+                    raise TransportUnreachable(f"declaring the publisher's topology at "
+                                               f"{st.link.endpoint.label} failed: "
+                                               f"{describe_error(exc)}") from exc
+                try:
+                    with st.link.corked():
+                        for i, message in enumerate(messages):
+                            if not st.link.alive:
+                                results[i] = TransportUnreachable(
+                                    f"publishing {message.message_id} was abandoned: the "
+                                    f"connection to {st.link.endpoint.label} failed earlier "
+                                    f"in its batch")
+                                continue
+                            try:
+                                published.append((i, self._publish(st, message, timeout)))
+                            except Exception as exc:
+                                results[i] = exc
+                except LINK_ERRORS as exc:  # writing the batch failed: none of it is confirmed
+                    self._drop(st, exc)
         except TransportUnreachable as exc:
             return [exc] * len(messages)
-        with self._io:
-            if self._state is not st:
-                try:
-                    st = self._usable_state()
-                except TransportUnreachable as exc:
-                    return [exc] * len(messages)
-            try:
-                for message in messages:  # declares wait for replies: all before corking
-                    self._declare_for(st, message.exchange, message.routing_key)
-            except LinkRefused as exc:
-                return [exc] * len(messages)
-            except LINK_ERRORS as exc:
-                self._drop(st, exc)
-                return [TransportUnreachable(f"declaring the publisher's topology at "
-                                             f"{st.link.endpoint.label} failed: "
-                                             f"{describe_error(exc)}")] * len(messages)
-            try:
-                with st.link.corked():
-                    for i, message in enumerate(messages):
-                        try:
-                            published.append((i, self._publish(st, message, timeout)))
-                        except Exception as exc:
-                            results[i] = exc
-                            if not st.link.alive:
-                                break
-            except LINK_ERRORS as exc:  # writing the batch failed: none of it is confirmed
-                self._drop(st, exc)
-            sent = {i for i, _ in published}
-            for i, message in enumerate(messages):
-                if results[i] is None and i not in sent:
-                    results[i] = TransportUnreachable(
-                        f"publishing {message.message_id} was abandoned: the connection to "
-                        f"{st.link.endpoint.label} failed earlier in its batch")
         for i, pending in published:
             self._await(st, pending, deadline, timeout)
             if pending.error is not None:
-                results[i] = self._unconfirmed(messages[i], pending.error)
+                results[i] = TransportUnreachable(
+                    f"RabbitMQ did not confirm message {messages[i].message_id} sent to "
+                    f"{messages[i].exchange}/{messages[i].routing_key}: {pending.error}")
         return results
 
     def _publish(self, st: _State, message: OutgoingMessage, timeout: float) -> _Pending:
-        """Publish one message on ``st`` and register it for its confirmation (I/O lock held)."""
+        """Publish one message on ``st`` and register it for its confirmation (I/O lock held,
+        its exchange and queue declared)."""
         pending = _Pending(message.message_id)
+        props: dict[str, Any] = {
+            "content_type": message.content_type, "content_encoding": message.content_encoding,
+            "delivery_mode": 2 if message.persistent else 1, "message_id": message.message_id}
+        if message.headers:
+            props["application_headers"] = dict(message.headers)
         try:
-            self._declare_for(st, message.exchange, message.routing_key)
-            amqp_message = self._amqp_message(message)
             st.link.set_timeout(max(timeout, 1.0))  # bounds a write; the wait has its own
             st.seq += 1
             st.pending.append((st.seq, pending))
-            st.link.channel.basic_publish(amqp_message, exchange=message.exchange,
+            st.link.channel.basic_publish(amqp.Message(message.body, **props),
+                                          exchange=message.exchange,
                                           routing_key=message.routing_key, mandatory=True)
-        except LinkRefused:
-            raise
         except LINK_ERRORS as exc:
             self._drop(st, exc)
             raise TransportUnreachable(
@@ -197,103 +168,66 @@ class Publisher:
             raise
         return pending
 
-    @staticmethod
-    def _unconfirmed(message: OutgoingMessage, error: str) -> TransportUnreachable:
-        return TransportUnreachable(
-            f"RabbitMQ did not confirm message {message.message_id} sent to "
-            f"{message.exchange}/{message.routing_key}: {error}")
-
-    @staticmethod
-    def _amqp_message(message: OutgoingMessage) -> amqp.Message:
-        props: dict[str, Any] = {
-            "content_type": message.content_type,
-            "content_encoding": message.content_encoding,
-            "delivery_mode": 2 if message.persistent else 1,
-            "message_id": message.message_id,
-        }
-        if message.headers:
-            props["application_headers"] = dict(message.headers)
-        return amqp.Message(message.body, **props)
-
     def _await(self, st: _State, pending: _Pending, deadline: float, timeout: float) -> None:
-        while not pending.done:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                with self._io:
-                    if pending.done:
-                        return
-                    if st.blocked is not None:
-                        # The broker blocked the connection after reading this message (an
-                        # alarm). The connection is sound: a new one would only be blocked
-                        # after its own first publish, one more copy for after the alarm.
-                        self._forget(st, pending, self._blocked_error(st, timeout))
-                    else:
-                        # The broker did not answer in time: this connection cannot be
-                        # trusted to deliver the others' confirmations either.
-                        self._drop(st, TimeoutError(f"no confirmation within {timeout:g}s"))
-                return
-            if self._reading.acquire(blocking=False):
-                try:
-                    self._read_confirmations(st, pending, deadline)
-                finally:
-                    self._reading.release()
-                self._hand_over(st)
-            else:
-                pending.sleep(min(left, 0.05))
-
-    def _read_confirmations(self, st: _State, pending: _Pending, deadline: float) -> None:
-        link = st.link
-        while not pending.done and link.alive:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            # Wait for data without the I/O lock, so other threads keep publishing meanwhile.
-            frames = link.conn.bytes_recv  # py-amqp counts every frame it dispatches
-            if not link.readable(min(left, 0.05)):
-                continue
-            with self._io:
-                if pending.done or not link.alive:
-                    return
-                try:
-                    if link.conn.bytes_recv != frames and not link.reader.frame_ready():
-                        continue  # someone (a declare under the lock) read it meanwhile
-                    link.read_frame()
-                    while link.reader.frame_ready():
-                        link.read_frame()
-                    st.last_read = time.monotonic()
-                except LINK_ERRORS as exc:
-                    self._drop(st, exc)
-                    return
-
-    def _hand_over(self, st: _State) -> None:
-        """Wake the oldest waiter so that it takes over reading confirmations."""
+        self._read(st, lambda: pending.done, deadline, pending)
         with self._io:
-            for _, other in st.pending:
-                if not other.done:
-                    other.wake()
-                    break
+            if pending.done:
+                return
+            if st.blocked is not None:
+                # Blocked after reading this message (an alarm): fail it alone. A new connection
+                # would only be blocked after its own first publish, one more copy for later.
+                for i, (_, other) in enumerate(st.pending):
+                    if other is pending:
+                        del st.pending[i]
+                        break
+                self._finish(st, pending, self._blocked_error(st, timeout))
+            else:
+                # No answer: this connection cannot be trusted with the others' either.
+                self._drop(st, TimeoutError(f"no confirmation within {timeout:g}s"))
 
-    def _unblocked(self, st: _State, deadline: float, timeout: float) -> None:
-        """Return once ``st`` is not blocked by the broker; raise TransportUnreachable naming
-        the alarm if it still is at ``deadline`` (the core's retry policy decides what next).
-        Reads the connection meanwhile, so connection.unblocked is seen as soon as it comes."""
-        while st.blocked is not None and st.link.alive:
+    def _read(self, st: _State, done: Callable[[], bool], deadline: float,
+              pending: _Pending | None = None) -> None:
+        """Until ``done()`` or the deadline: read the connection, or sleep while another
+        thread reads it (woken when ``pending`` is confirmed). Waits for data without the I/O
+        lock, so other threads keep publishing meanwhile."""
+        link = st.link
+        while not done() and link.alive:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TransportUnreachable(self._blocked_error(st, timeout))
+                return
             if not self._reading.acquire(blocking=False):
-                threading.Event().wait(min(left, 0.05))  # another thread reads for us
+                if pending is not None:
+                    pending.sleep(min(left, 0.05))
+                else:
+                    threading.Event().wait(min(left, 0.05))
                 continue
             try:
-                if st.link.readable(min(left, 0.05)):
+                while not done() and link.alive:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    frames = link.conn.bytes_recv  # py-amqp counts every frame it dispatches
+                    if not link.readable(min(left, 0.05)):
+                        continue
                     with self._io:
-                        if st.link.alive:
-                            try:
-                                self._pump(st)
-                            except LINK_ERRORS as exc:
-                                self._drop(st, exc)
+                        if done() or not link.alive or (link.conn.bytes_recv != frames
+                                                        and not link.reader.frame_ready()):
+                            continue  # done, or someone (a declare) read it meanwhile
+                        try:
+                            link.read_frame()
+                            while link.reader.frame_ready():
+                                link.read_frame()
+                            st.last_read = time.monotonic()
+                        except LINK_ERRORS as exc:
+                            self._drop(st, exc)
             finally:
                 self._reading.release()
+            if pending is not None:  # wake the oldest waiter: it reads from now on
+                with self._io:
+                    for _, other in st.pending:
+                        if not other.done:
+                            other.wake()
+                            break
 
     @staticmethod
     def _blocked_error(st: _State, timeout: float) -> str:
@@ -301,23 +235,16 @@ class Publisher:
                 f"a memory or disk alarm; waited {timeout:g}s (send_timeout) for it to clear. "
                 f"Free memory or disk space on the broker (rabbitmq-diagnostics alarms)")
 
-    def _forget(self, st: _State, pending: _Pending, error: str) -> None:
-        """Fail one unconfirmed send without dropping the connection (I/O lock held)."""
-        for i, (_, other) in enumerate(st.pending):
-            if other is pending:
-                del st.pending[i]
-                break
-        self._finish(st, pending, error)
-
     # -- confirmations (called by py-amqp while a thread reads under the I/O lock) -------------
-    def _finish(self, st: _State, pending: _Pending, error: str | None) -> None:
+    @staticmethod
+    def _finish(st: _State, pending: _Pending, error: str | None) -> None:
         if error is None and st.returned:
             error = st.returned.pop(pending.message_id, None)
         pending.error = error
         pending.done = True
         pending.wake()
 
-    def _settle(self, st: _State, tag: int, multiple: bool, error: str | None) -> None:
+    def _confirmed(self, st: _State, tag: int, multiple: bool, error: str | None = None) -> None:
         queue = st.pending
         if multiple:
             while queue and queue[0][0] <= tag:
@@ -332,15 +259,7 @@ class Publisher:
                     break
 
     def _callbacks(self, st: _State) -> None:
-        channel = st.link.channel
-
-        def on_ack(tag: int, multiple: bool) -> None:
-            self._settle(st, tag, multiple, None)
-
-        def on_nack(tag: int, multiple: bool) -> None:
-            self._settle(st, tag, multiple,
-                         "the broker refused it (basic.nack): a queue may be full with "
-                         "x-overflow=reject-publish, or the broker is short of resources")
+        label = st.link.endpoint.label
 
         def on_return(exc: Any, exchange: str, routing_key: str, message: Any) -> None:
             message_id = (getattr(message, "properties", None) or {}).get("message_id")
@@ -353,19 +272,22 @@ class Publisher:
         def on_blocked(reason: str) -> None:
             st.blocked = reason or "connection.blocked"
             LOG.warning("RabbitMQ at %s blocks publishing (%s): a memory or disk alarm; sends "
-                        "wait up to send_timeout each, then the retry policy decides",
-                        st.link.endpoint.label, st.blocked)
+                        "wait up to send_timeout each, then the retry policy decides", label,
+                        st.blocked)
 
         def on_unblocked() -> None:
             st.blocked = None
-            LOG.warning("RabbitMQ at %s publishes again (connection.unblocked)",
-                        st.link.endpoint.label)
+            LOG.warning("RabbitMQ at %s publishes again (connection.unblocked)", label)
 
         st.link.conn.on_blocked = on_blocked
         st.link.conn.on_unblocked = on_unblocked
-        channel.events["basic_ack"].add(on_ack)
-        channel.events["basic_nack"].add(on_nack)
-        channel.events["basic_return"].add(on_return)
+        events = st.link.channel.events
+        events["basic_ack"].add(functools.partial(self._confirmed, st))
+        events["basic_nack"].add(functools.partial(
+            self._confirmed, st, error="the broker refused it (basic.nack): a queue may be full "
+                                       "with x-overflow=reject-publish, or the broker is short "
+                                       "of resources"))
+        events["basic_return"].add(on_return)
 
     # -- the connection -----------------------------------------------------------------
     def _usable_state(self) -> _State:
@@ -395,13 +317,13 @@ class Publisher:
             st = _State(link)
             self._callbacks(st)
             link.channel.confirm_select()
-            # py-amqp polls the socket (timeout 0) before every publish when the broker may
-            # send connection.blocked; our reader dispatches those frames anyway, so skip the
-            # poll: it costs two settimeout() calls and a failing recv() per message.
+            # py-amqp polls the socket before every publish when the broker may send
+            # connection.blocked (two settimeout() and a failing recv()); our reads see it.
             capabilities = link.conn.client_properties.get("capabilities")
             if isinstance(capabilities, dict):
                 capabilities["connection.blocked"] = False
-            self._topology.declare_dead_letter(self._declare_channel(st))
+            st.declare_channel = link.open_channel()
+            self._topology.declare_dead_letter(st.declare_channel)
         except LINK_ERRORS as exc:
             link.abort()
             raise TransportUnreachable(f"setting up the publisher channel on "
@@ -429,32 +351,25 @@ class Publisher:
         if self._state is st:
             self._state = None
 
-    def _declare_channel(self, st: _State) -> Any:
-        if st.declare_channel is None or not st.declare_channel.is_open:
-            st.declare_channel = st.link.open_channel()
-        return st.declare_channel
-
     def _declare_for(self, st: _State, exchange: str, routing_key: str) -> None:
         """Declare the exchange and, like oslo.messaging's notifier, the no-pool group's queue,
         once per connection, so a notification sent before any listener starts is kept."""
         topo = self._topology
         if exchange not in st.exchanges:
-            self._declare(st, f"exchange {exchange!r}",
-                          lambda ch: topo.declare_exchange(ch, exchange),
-                          lambda ch: topo.declare_exchange(ch, exchange, passive=True))
+            self._declare(st, f"exchange {exchange!r}", topo.declare_exchange, exchange)
             st.exchanges.add(exchange)
         if (exchange, routing_key) not in st.queues:
-            queue = topo.group_queue(exchange, routing_key)
-            self._declare(st, f"queue {queue!r}",
-                          lambda ch: topo.declare_queue(ch, queue),
-                          lambda ch: topo.declare_queue(ch, queue, passive=True))
-            self._declare(st, f"binding of queue {queue!r} to {exchange!r}",
-                          lambda ch: topo.bind(ch, queue, exchange, routing_key), None)
+            queue = topo.model.group_queue(exchange, routing_key)
+            self._declare(st, f"queue {queue!r}", topo.declare_queue, queue)
+            self._declare(st, f"binding of queue {queue!r} to {exchange!r}", topo.bind, queue,
+                          exchange, routing_key)
             st.queues.add((exchange, routing_key))
 
-    def _declare(self, st: _State, what: str, declare: Any, passive: Any) -> None:
+    def _declare(self, st: _State, what: str, declare: Callable[..., None], *args: str) -> None:
+        if st.declare_channel is None or not st.declare_channel.is_open:
+            st.declare_channel = st.link.open_channel()
         try:
-            declare(self._declare_channel(st))
+            declare(st.declare_channel, *args)
         except amqp.exceptions.PreconditionFailed as exc:
             # It exists with other flags or arguments (another service declared it first).
             # Publishing to it as it is loses nothing; insisting would fail every send.
@@ -464,9 +379,9 @@ class Publisher:
                             "it is. Use the same durable/quorum/queue_expiry/message_ttl/"
                             "dead_letter_exchange options as the services that share it.",
                             what, describe_error(exc))
-            st.declare_channel = None
-            if passive is not None:
-                passive(self._declare_channel(st))
+            st.declare_channel = st.link.open_channel()  # the broker closed that one
+            if declare != self._topology.bind:
+                declare(st.declare_channel, *args, passive=True)
         except amqp.exceptions.AccessRefused as exc:
             st.declare_channel = None
             raise LinkRefused(f"RabbitMQ refused to declare {what} on {self._settings.shown}: "
@@ -477,24 +392,21 @@ class Publisher:
     def beat(self) -> None:
         """Heartbeat thread: read what the broker sent while idle and answer its heartbeats."""
         st = self._state
-        if st is None or not self._settings.heartbeat:
+        if st is None or not self._reading.acquire(blocking=False):
+            return  # not connected, or a sender is reading: the connection is busy, hence alive
+        if not self._io.acquire(blocking=False):
+            self._reading.release()
             return
-        if not self._reading.acquire(blocking=False):
-            return  # a sender is reading: the connection is busy, hence alive
         try:
-            if not self._io.acquire(blocking=False):
-                return
-            try:
-                if self._state is st and st.link.alive:
-                    self._pump(st)
-                    st.link.conn.heartbeat_tick(rate=4)
-            except LINK_ERRORS as exc:
-                LOG.info("publisher connection to %s failed its heartbeat (%s); the next send "
-                         "reconnects", st.link.endpoint.label, describe_error(exc))
-                self._drop(st, exc)
-            finally:
-                self._io.release()
+            if self._state is st and st.link.alive:
+                self._pump(st)
+                st.link.conn.heartbeat_tick(rate=4)
+        except LINK_ERRORS as exc:
+            LOG.info("publisher connection to %s failed its heartbeat (%s); the next send "
+                     "reconnects", st.link.endpoint.label, describe_error(exc))
+            self._drop(st, exc)
         finally:
+            self._io.release()
             self._reading.release()
 
     def close(self) -> None:
