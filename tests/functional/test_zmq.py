@@ -1,6 +1,8 @@
 """The zmq driver in one process, over real ZeroMQ TCP sockets on loopback: delivery to every
 group and one member of each, exchange isolation, requeue, prefetch, the window, hand-back on
-close, refusal of copies meant for a previous listener of a port, and the URL options.
+close, refusal of copies meant for a previous listener of a port, frames from a peer that is no
+tidings sender, and the URL options. Driver-level tests drive a receiver by hand as the core
+does (RawListener).
 
 Each test uses its own in-memory registry (``zmq:///<uuid>``); processes, the sqlite and Redis
 registries, SIGKILL and TTL expiry are in test_zmq_processes.py.
@@ -29,8 +31,10 @@ from tidings import (
     Transport,
 )
 from tidings.drivers.zmq import ZmqDriver, protocol
+from tidings.drivers.zmq.listener import ZmqReceiver
 from tidings.matchmaker.base import Registration
-from tidings.transports.base import Binding, IncomingMessage, Listener, OutgoingMessage
+from tidings.testing.conformance_harness import RawListener
+from tidings.transports.base import Binding, IncomingMessage, OutgoingMessage
 from tidings.transports.errors import TransportUnreachable
 
 WAIT = 15.0  # the bound on every wait; a healthy run needs a fraction of a second
@@ -98,11 +102,23 @@ def driver_of(t: Transport) -> ZmqDriver:
     return drv
 
 
+def listen(drv: ZmqDriver, pool: str | None, prefetch: int) -> RawListener:
+    """A receiver on ("ex", "rk") driven by hand as the core drives it: poll() hands the
+    settlements made since the last call to settle(), then receives; close() hands back what
+    is unsettled as requeued, then closes."""
+    return RawListener(drv.listen([Binding("ex", "rk")], pool, prefetch), prefetch)
+
+
+def receiver_of(lst: RawListener) -> ZmqReceiver:
+    assert isinstance(lst.receiver, ZmqReceiver)
+    return lst.receiver
+
+
 def start_listener(t: Transport, rec: Recorder, name: str, *, pool: str | None = None,
                    exchange: str | None = None, topic: str = "notifications",
                    **kw: Any) -> tidings.NotificationListener:
     decide = kw.pop("decide", None)
-    lst = tidings.get_notification_listener(t, [Target(topic, exchange)],
+    lst = tidings.get_notification_listener(t, [Target(topic=topic, exchange=exchange)],
                                             [Endpoint(rec, name, decide)], pool=pool, **kw)
     lst.start()
     return lst
@@ -263,8 +279,8 @@ def test_a_member_still_handshaking_keeps_its_turn() -> None:
     # addresses of the relays in front of them, registered below.
     receiving = tidings.get_notification_transport(url())
     drv, rdrv = driver_of(sending), driver_of(receiving)
-    first = rdrv.listen([Binding("ex", "rk")], "pool", 64)
-    second = rdrv.listen([Binding("ex", "rk")], "pool", 64)
+    first = listen(rdrv, "pool", 64)
+    second = listen(rdrv, "pool", 64)
     relays: list[HeldRelay] = []
     registrations: list[Registration] = []
     try:
@@ -273,7 +289,7 @@ def test_a_member_still_handshaking_keeps_its_turn() -> None:
         # first fronts the first listener, so the first copy's turn is the listener let through.
         relays.sort(key=lambda r: f"tcp://127.0.0.1:{r.port}/")
         for lst, relay in zip((first, second), relays, strict=True):
-            endpoint, lid, credit = protocol.parse_member(lst.address)  # type: ignore[attr-defined]
+            endpoint, lid, credit = protocol.parse_member(receiver_of(lst).address)
             relay.target_port = int(endpoint.rsplit(":", 1)[1])
             registrations.append(Registration(
                 "ex", "rk", "pool",
@@ -313,7 +329,7 @@ def test_a_registered_member_that_never_connects_delays_only_by_the_grace() -> N
     connect_grace seconds; then its copies go to the live member, woken by the grace timer."""
     t = tidings.get_notification_transport(url(connect_grace=0.3))
     drv = driver_of(t)
-    real = drv.listen([Binding("ex", "rk")], "pool", 50)
+    real = listen(drv, "pool", 50)
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -423,10 +439,12 @@ def test_requeue_with_a_single_member_comes_back_to_it(transport: Transport) -> 
 def send_raw(t: Transport, ids: range, exchange: str = "ex", topic: str = "rk") -> None:
     drv = driver_of(t)
     for i in ids:
-        drv.send(OutgoingMessage(exchange, topic, str(i).encode(), f"m{i}"), timeout=5)
+        assert drv.send_batch([OutgoingMessage(exchange, topic, str(i).encode(), f"m{i}")],
+                              5) == [None]
 
 
-def poll_until(listener: Listener, count: int, timeout: float = WAIT) -> list[IncomingMessage]:
+def poll_until(listener: RawListener, count: int,
+               timeout: float = WAIT) -> list[IncomingMessage]:
     got: list[IncomingMessage] = []
     deadline = time.monotonic() + timeout
     while len(got) < count:
@@ -436,7 +454,7 @@ def poll_until(listener: Listener, count: int, timeout: float = WAIT) -> list[In
     return got
 
 
-def settle_all(listener: Listener, messages: list[IncomingMessage], drv: ZmqDriver) -> None:
+def settle_all(listener: RawListener, messages: list[IncomingMessage], drv: ZmqDriver) -> None:
     """Acknowledge, then keep polling (acks leave in the next poll) until the window is empty;
     nothing else may arrive meanwhile."""
     for msg in messages:
@@ -449,7 +467,7 @@ def settle_all(listener: Listener, messages: list[IncomingMessage], drv: ZmqDriv
 
 def test_prefetch_bounds_unsettled_messages(transport: Transport) -> None:
     drv = driver_of(transport)
-    lst = drv.listen([Binding("ex", "rk")], None, 3)
+    lst = listen(drv, None, 3)
     try:
         send_raw(transport, range(10))
         held = poll_until(lst, 3)
@@ -480,8 +498,8 @@ def test_closing_a_listener_hands_its_messages_to_another_member(transport: Tran
     drv = driver_of(transport)
     # A credit (prefetch) of 10 each: neither member can take all 40 before acknowledging,
     # whichever finishes its handshake with the sender first.
-    first = drv.listen([Binding("ex", "rk")], "pool", 10)
-    second = drv.listen([Binding("ex", "rk")], "pool", 10)
+    first = listen(drv, "pool", 10)
+    second = listen(drv, "pool", 10)
     try:
         send_raw(transport, range(40))
         held = poll_until(first, 10)
@@ -507,9 +525,9 @@ def test_closing_a_listener_hands_its_messages_to_another_member(transport: Tran
 def test_a_refused_copy_goes_to_the_right_listener(transport: Transport) -> None:
     """A copy addressed to a listener that used to hold the port is refused and resent."""
     drv = driver_of(transport)
-    real = drv.listen([Binding("ex", "rk")], "pool", 50)
-    assert isinstance(real.address, str)  # type: ignore[attr-defined]
-    endpoint = real.endpoint  # type: ignore[attr-defined]
+    real = listen(drv, "pool", 50)
+    assert isinstance(receiver_of(real).address, str)
+    endpoint = receiver_of(real).endpoint
     ghost = protocol.format_member(endpoint, uuid.uuid4().bytes, 50)
     drv.matchmaker.register([Registration("ex", "rk", "pool", ghost)], ttl=30)
     try:
@@ -524,18 +542,113 @@ def test_a_refused_copy_goes_to_the_right_listener(transport: Transport) -> None
         real.close()
 
 
+def rogue_burst(endpoint: str, listener_id: bytes) -> tuple[Any, Any, set[int]]:
+    """Connect a DEALER that is no tidings sender to ``endpoint`` and send a burst of broken
+    frames; returns (context, socket, the sequence numbers of those that can be identified)."""
+    import zmq
+
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(endpoint)
+
+    def data(seq: int, headers: bytes, message_id: bytes = b"rogue") -> bytes:
+        return protocol.data_frame(seq, False, listener_id, message_id, headers, b"{}")
+
+    identifiable = {
+        1: [data(1, b"[1, 2]")],                            # headers: a JSON list
+        2: [data(2, b'"a string"')],                        # headers: a JSON string
+        3: [data(3, b"[" * 200_000 + b"]" * 200_000)],      # nesting too deep to parse
+        4: [data(4, b""), b"an extra frame"],               # two frames, not one
+        5: [data(5, b"{not json")],                         # headers that are no JSON
+        6: [data(6, b"", message_id=b"\xff\xfe")],          # a message id that is no UTF-8
+        7: [data(7, b'{"k": "v"}')[:-6]],                   # lengths past the frame's end
+    }
+    for frames in identifiable.values():
+        rogue.send_multipart(frames)
+    for junk in (b"", b"garbage", b"D" + b"\0" * 10):    # cannot even be identified
+        rogue.send(junk)
+    rogue.send(protocol.data_frame(8, False, uuid.uuid4().bytes, b"x", b"", b"{}"))  # not its id
+    return ctx, rogue, set(identifiable)
+
+
+def rogue_answers(rogue: Any, expected: dict[bytes, set[int]]) -> None:
+    """Wait until the rogue peer heard back every sequence number it is owed, by kind."""
+    heard: dict[bytes, set[int]] = defaultdict(set)
+    deadline = time.monotonic() + WAIT
+    while any(heard[k] != v for k, v in expected.items()):
+        assert time.monotonic() < deadline, f"the rogue peer heard {dict(heard)}"
+        if rogue.poll(50):
+            kind, seqs = protocol.unpack_seqs(rogue.recv())
+            heard[kind].update(seqs)
+
+
+def test_rogue_frames_are_refused_and_a_good_copy_follows_promptly(
+        transport: Transport, caplog: pytest.LogCaptureFixture) -> None:
+    """Driver level: a burst of broken frames never raises out of receive(). A copy that can be
+    identified comes back with ``problem`` set (the core rejects it, so its sender hears "done");
+    one that cannot is dropped and logged; a copy meant for another listener is refused."""
+    drv = driver_of(transport)
+    lst = listen(drv, None, 50)
+    receiver = receiver_of(lst)
+    ctx, rogue, identifiable = rogue_burst(receiver.endpoint, receiver._id)
+    try:
+        with caplog.at_level(logging.ERROR, logger="tidings.drivers.zmq.listener"):
+            got = poll_until(lst, len(identifiable))
+            send_raw(transport, range(1))
+            began = time.monotonic()
+            [good] = poll_until(lst, 1, timeout=2.0)
+            assert time.monotonic() - began < 1.0 and good.problem is None
+        assert good.body == b"0" and good.message_id == "m0"
+        assert {m.token[1] for m in got} == identifiable
+        assert all(m.problem for m in got), [(m.token[1], m.problem) for m in got]
+        assert caplog.text.count("dropping a malformed message") == 3, caplog.text
+        for msg in got:
+            msg.reject()
+        lst.poll(0.01)  # hands the rejections to settle()
+        rogue_answers(rogue, {protocol.ACK: identifiable, protocol.NOT_MINE: {8}})
+        settle_all(lst, [good], drv)
+    finally:
+        lst.close()
+        rogue.close()
+        ctx.term()
+
+
+def test_rogue_frames_do_not_stop_a_notification_listener(
+        transport: Transport, caplog: pytest.LogCaptureFixture) -> None:
+    """The same burst at a running listener: the core rejects what could be identified, the
+    listener keeps its connection (no reconnect) and the next notification arrives promptly."""
+    rec = Recorder()
+    lst = start_listener(transport, rec, "a")
+    [receiver] = driver_of(transport)._receivers
+    ctx, rogue, identifiable = rogue_burst(receiver.endpoint, receiver._id)
+    try:
+        with caplog.at_level(logging.WARNING):
+            rogue_answers(rogue, {protocol.ACK: identifiable, protocol.NOT_MINE: {8}})
+            began = time.monotonic()
+            notify(transport, range(1))
+            rec.wait(lambda: rec.ids("a") == [0], "the good notification", timeout=2.0)
+            assert time.monotonic() - began < 1.0
+        assert lst.stats.snapshot()["rejected"] == len(identifiable)
+        assert "reconnecting" not in caplog.text, caplog.text
+    finally:
+        stop_all(lst)
+        rogue.close()
+        ctx.term()
+
+
 def test_a_full_window_makes_send_wait_then_fail() -> None:
     t = tidings.get_notification_transport(url(ack_window=4, send_timeout=0.3, flush_timeout=0))
     drv = driver_of(t)
-    lst = drv.listen([Binding("ex", "rk")], None, 100)  # never polled: never acknowledges
+    lst = listen(drv, None, 100)  # never polled: never acknowledges
     try:
         send_raw(t, range(4))
         began = time.monotonic()
-        with pytest.raises(TransportUnreachable, match="ack_window=4"):
-            drv.send(OutgoingMessage("ex", "rk", b"5", "m5"), timeout=0.3)
+        [failed] = drv.send_batch([OutgoingMessage("ex", "rk", b"5", "m5")], 0.3)
+        assert isinstance(failed, TransportUnreachable) and "ack_window=4" in str(failed)
         assert time.monotonic() - began >= 0.25
         with pytest.raises(MessageDeliveryFailure):
-            t.send_raw(Target("rk", "ex"), b"6", message_id="m6", retry=0)
+            t.send_raw(Target(topic="rk", exchange="ex"), b"6", message_id="m6", retry=0)
     finally:
         lst.close()
         t.cleanup()
@@ -560,7 +673,7 @@ def test_cleanup_flushes_the_window() -> None:
 def test_copies_of_a_group_that_vanished_are_dropped(caplog: pytest.LogCaptureFixture) -> None:
     t = tidings.get_notification_transport(url(ttl=0.3))
     drv = driver_of(t)
-    lst = drv.listen([Binding("ex", "rk")], "gone", 2)
+    lst = listen(drv, "gone", 2)
     try:
         send_raw(t, range(6))
         poll_until(lst, 2)
@@ -578,9 +691,9 @@ def test_listener_binds_in_the_port_range() -> None:
         port = probe.getsockname()[1]
     t = tidings.get_notification_transport(url(port_min=port, port_max=port))
     drv = driver_of(t)
-    lst = drv.listen([Binding("ex", "rk")], None, 4)
+    lst = listen(drv, None, 4)
     try:
-        assert lst.endpoint == f"tcp://127.0.0.1:{port}"  # type: ignore[attr-defined]
+        assert receiver_of(lst).endpoint == f"tcp://127.0.0.1:{port}"
         with pytest.raises(OSError, match="no free port"):
             drv.listen([Binding("ex", "rk")], None, 4)
     finally:
@@ -655,8 +768,8 @@ def test_an_unreachable_registry_fails_sends_and_listeners_clearly() -> None:
     t = tidings.get_notification_transport("zmq+redis://127.0.0.1:1/0?namespace=down")
     try:
         with pytest.raises(MessageDeliveryFailure, match="unreachable"):
-            t.send_raw(Target("rk", "ex"), b"{}", message_id="m1", retry=0)
-        lst = tidings.get_notification_listener(t, [Target("notifications")],
+            t.send_raw(Target(topic="rk", exchange="ex"), b"{}", message_id="m1", retry=0)
+        lst = tidings.get_notification_listener(t, [Target(topic="notifications")],
                                                 [Endpoint(Recorder(), "x")])
         with pytest.raises(TransportUnreachable, match="unreachable"):
             lst.start()  # the listener cannot register: it fails in start(), in the caller

@@ -30,25 +30,28 @@ from tidings.testing.brokers import require_service
 WAIT = 30.0  # the bound on every wait; a healthy run needs a few seconds at most
 
 CHILD = r"""
-import sys, time
+import sys, threading, time
 import tidings
 from tidings import Target
 
 url, exchange, topic, pool, delay, prefetch = sys.argv[1:7]
 delay = float(delay)
 transport = tidings.get_notification_transport(url)
+out = threading.Lock()
 
 
 class Endpoint:
     def info(self, ctxt, publisher_id, event_type, payload, metadata):
         if delay:
             time.sleep(delay)  # the work a real endpoint would do
-        print(f"got {payload['i']}", flush=True)
+        with out:  # endpoints run on a pool of threads: one whole line at a time
+            sys.stdout.write(f"got {payload['i']}\n")
+            sys.stdout.flush()
 
 
 listener = tidings.get_notification_listener(
-    transport, [Target(topic, exchange)], [Endpoint()], pool=None if pool == "-" else pool,
-    prefetch=int(prefetch))
+    transport, [Target(topic=topic, exchange=exchange)], [Endpoint()],
+    pool=None if pool == "-" else pool, prefetch=int(prefetch))
 listener.start()
 print("ready", flush=True)
 sys.stdin.read()  # the test closes our stdin to stop us

@@ -27,6 +27,7 @@ from tidings.matchmaker.base import (
     get_matchmaker,
     load_matchmaker_class,
 )
+from tidings.matchmaker.client import Directory, Registrar
 from tidings.testing.brokers import require_service
 from tidings.transports.errors import DriverLoadFailure, TransportUnreachable
 from tidings.transports.url import TransportURL
@@ -117,6 +118,45 @@ def test_ttl_expiry_and_refresh(mm: MatchMaker) -> None:
     gen = mm.generation()
     assert mm.register([short], ttl=30) == 1
     assert mm.generation() != gen
+
+
+def test_registrar_keeps_entries_alive_until_removed(mm: MatchMaker) -> None:
+    """A Registrar registers at once, refreshes past the TTL, unregisters on remove() and, for
+    what is left, on stop()."""
+    first = [Registration("ex", "rk", "pool", addr(1))]
+    second = [Registration("ex", "rk", "pool", addr(2))]
+    registrar = Registrar(mm, ttl=0.6)
+    try:
+        registrar.add(first)
+        registrar.add(second)
+        assert len(mm.lookup("ex", "rk")["pool"]) == 2
+        time.sleep(1.2)  # twice the TTL: only the refreshes keep them
+        assert len(mm.lookup("ex", "rk")["pool"]) == 2
+        registrar.remove(first)
+        assert [m.address for m in mm.lookup("ex", "rk")["pool"]] == [addr(2)]
+    finally:
+        registrar.stop()
+    assert mm.lookup("ex", "rk") == {}
+    registrar.remove(second)  # after stop(): nothing to do, the registry is not touched
+
+
+def test_directory_caches_until_the_registry_changes(mm: MatchMaker) -> None:
+    """Directory: a lookup is reused while nothing changes; this process's registrations (made
+    through a Registrar) are seen at once, another process's within the check interval."""
+    directory = Directory(mm, max_age=30, check_interval=0.2)
+    registrar = Registrar(mm, ttl=30)
+    try:
+        empty = directory.route("ex", "rk")
+        assert empty.groups == {} and directory.route("ex", "rk") is empty
+        registrar.add([Registration("ex", "rk", NO_POOL, addr(1))])  # this process: at once
+        local = directory.route("ex", "rk")
+        assert local.groups == {NO_POOL: (addr(1),)} and local.stamp > empty.stamp
+        mm.register([Registration("ex", "rk", "pool", addr(2))], ttl=30)  # "another process"
+        wait_for(lambda: "pool" in directory.route("ex", "rk").groups, 2.0,
+                 "the other registration to be seen")
+    finally:
+        registrar.stop()
+        mm.unregister([Registration("ex", "rk", "pool", addr(2))])
 
 
 def test_registration_validation() -> None:

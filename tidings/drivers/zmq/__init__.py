@@ -1,8 +1,5 @@
-"""The brokerless ZeroMQ driver (``zmq://``, ``zmq+redis://``, ``zmq+sqlite://``).
-
-``driver`` holds the driver and its options, ``sender`` the window and the I/O thread,
-``listener`` the ROUTER side, ``protocol`` the frames they exchange. See docs/zmq.md.
-"""
+"""The brokerless ZeroMQ driver (``zmq://``): ``driver`` (the driver and its options), ``sender``
+(the window and the I/O thread), ``listener`` (the ROUTER side), ``protocol`` (the frames)."""
 
 from tidings.drivers.zmq.driver import ZmqDriver
 

@@ -31,32 +31,12 @@ from typing import Any
 
 import zmq
 
-__all__ = [
-    "ACK",
-    "DATA",
-    "FLAG_REDELIVERED",
-    "KEEPALIVE",
-    "NOBLOCK",
-    "NOT_MINE",
-    "REQUEUE",
-    "SNDMORE",
-    "data_frame",
-    "encode_headers",
-    "format_member",
-    "new_listener_id",
-    "pack_seqs",
-    "parse_data",
-    "parse_member",
-    "recv_frame",
-    "send_frame",
-    "unpack_seqs",
-]
+__all__ = ["ACK", "DATA", "KEEPALIVE", "NOBLOCK", "NOT_MINE", "RCVMORE", "REQUEUE", "SNDMORE",
+           "data_frame", "encode_headers", "format_member", "get_option", "new_listener_id",
+           "pack_seqs", "parse_data", "parse_member", "recv_frame", "send_frame",
+           "unpack_seqs"]
 
-DATA = b"D"
-ACK = b"A"
-REQUEUE = b"R"
-NOT_MINE = b"N"
-KEEPALIVE = b"K"
+DATA, ACK, REQUEUE, NOT_MINE, KEEPALIVE = b"D", b"A", b"R", b"N", b"K"
 
 FLAG_REDELIVERED = 1
 
@@ -75,21 +55,29 @@ def data_frame(seq: int, redelivered: bool, listener_id: bytes, message_id: byte
                      message_id, headers, body))
 
 
-def parse_data(frame: bytes) -> tuple[int, bool, bytes, str, dict[str, str], bytes]:
-    """(seq, redelivered, listener id, message id, headers, body) of a data frame.
+def parse_data(frame: bytes) -> tuple[int, bool, bytes, str, Any, bytes, str | None]:
+    """(seq, redelivered, listener id, message id, headers, body, problem) of a data frame.
 
-    Raises ValueError on a malformed one, which the listener drops with a log line.
+    Raises ValueError when the frame cannot even be identified (too short, not a data frame).
+    One that can, but whose lengths, message id or headers are wrong (a rogue or broken
+    peer), comes back with ``problem`` saying what, so it can still be settled.
     """
     if len(frame) < _META_SIZE or frame[:1] != DATA:
         raise ValueError(f"malformed data frame ({len(frame)} bytes)")
     seq, flags, lid, mid_len, headers_len = _META.unpack_from(frame, 1)
     start = _META_SIZE + mid_len
     end = start + headers_len
-    if end > len(frame):
-        raise ValueError(f"malformed data frame ({len(frame)} bytes, lengths past its end)")
-    message_id = frame[_META_SIZE:start].decode("utf-8")
-    headers = json.loads(frame[start:end]) if headers_len else {}
-    return seq, bool(flags & FLAG_REDELIVERED), lid, message_id, headers, frame[end:]
+    redelivered = bool(flags & FLAG_REDELIVERED)
+    try:
+        if end > len(frame):
+            raise ValueError(f"lengths past the end of its {len(frame)} bytes")
+        message_id = frame[_META_SIZE:start].decode("utf-8")
+        headers = json.loads(frame[start:end]) if headers_len else None
+    except Exception as exc:  # bad UTF-8 or JSON, nesting too deep for the parser
+        message_id = frame[_META_SIZE:start].decode("utf-8", "replace")
+        return (seq, redelivered, lid, message_id, None, frame[end:],
+                f"malformed data frame: {type(exc).__name__}: {exc}")
+    return seq, redelivered, lid, message_id, headers, frame[end:], None
 
 
 def pack_seqs(kind: bytes, seqs: Iterable[int]) -> bytes:
@@ -124,7 +112,6 @@ def parse_member(address: str) -> tuple[str, bytes, int]:
     return endpoint, bytes.fromhex(lid), value
 
 
-# -- fast socket calls ----------------------------------------------------------------------------
 # pyzmq's Python-level Socket.send/recv add keyword handling and enum conversions that cost as
 # much as the call itself; the hot paths call the compiled methods with plain int flags.
 try:
@@ -132,9 +119,8 @@ try:
 
     send_frame: Callable[..., Any] = _CompiledSocket.send
     recv_frame: Callable[..., Any] = _CompiledSocket.recv
+    get_option: Callable[..., Any] = _CompiledSocket.get
 except (ImportError, AttributeError):  # pragma: no cover - other pyzmq layouts
-    send_frame = zmq.Socket.send
-    recv_frame = zmq.Socket.recv
+    send_frame, recv_frame, get_option = zmq.Socket.send, zmq.Socket.recv, zmq.Socket.get
 
-NOBLOCK = int(zmq.NOBLOCK)
-SNDMORE = int(zmq.SNDMORE)
+NOBLOCK, SNDMORE, RCVMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.RCVMORE)
