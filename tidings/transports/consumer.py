@@ -78,7 +78,8 @@ class Consumer:
                  prefetch: int, workers: int = 0, batch_size: int | None = None,
                  batch_timeout: float | None = None, stats: ConsumerStats | None = None,
                  backoff: tuple[float, float] = (0.2, 5.0), max_deliveries: int | None = 5,
-                 requeue_delay: tuple[float, float] = (0.1, 1.0)) -> None:
+                 requeue_delay: tuple[float, float] = (0.1, 1.0),
+                 retryable: Callable[[BaseException], bool] | None = None) -> None:
         if batch_size is not None and (isinstance(batch_size, bool)
                                        or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer or None")
@@ -97,6 +98,7 @@ class Consumer:
             raise ValueError(f"requeue_delay={requeue_delay!r} must be (first, longest) seconds, "
                              f"0 <= first <= longest")
         self._open = open_receiver
+        self._retryable = retryable or (lambda exc: isinstance(exc, TransportUnreachable))
         self._handle = handle
         self._name = name
         self._prefetch = prefetch
@@ -105,6 +107,7 @@ class Consumer:
         self._batch_timeout = batch_timeout
         self._batching = batch_size is not None or batch_timeout is not None
         self._backoff = backoff
+        self._slice = max(1, prefetch // 4)
         self._max_deliveries = max_deliveries
         self._requeue_delay = requeue_delay
         # message key -> the delivery number of its last requeued delivery
@@ -300,7 +303,7 @@ class Consumer:
                     if pending and self._batch_timeout is not None:
                         timeout = max(0.0, min(timeout, first_at + self._batch_timeout
                                                - time.monotonic()))
-                    if self._held and (not self._interruptible or self._sink is not self._enqueue):
+                    if self._held and not (self._interruptible and self._workers):
                         timeout = min(timeout, self.settle_interval)
                     self._state = _RECEIVING
                     if self._settlements:  # one arrived before the state said where we are
@@ -309,6 +312,11 @@ class Consumer:
                         got = receiver.receive(room, timeout)
                     finally:
                         self._state = _BUSY
+                    accepted = self._accept(got, room) if got else []
+                    if not self._batching:
+                        if accepted:
+                            self._dispatch(accepted, receiver)
+                        continue
                 except Exception as exc:
                     pending.clear()
                     again = self._reconnect(receiver, exc)
@@ -316,11 +324,6 @@ class Consumer:
                         receiver = None
                         return
                     receiver = again
-                    continue
-                accepted = self._accept(got, room) if got else []
-                if not self._batching:
-                    if accepted:
-                        self._dispatch(accepted)
                     continue
                 if accepted:
                     if not pending:
@@ -362,14 +365,27 @@ class Consumer:
                 msg.reject()
         return [m for m in got if m.problem is None]
 
-    def _dispatch(self, messages: list[IncomingMessage]) -> None:
+    def _dispatch(self, messages: list[IncomingMessage], receiver: Receiver) -> None:
+        """Hand messages to their handlers: one each on workers; inline, in slices of a
+        quarter of the prefetch window, settling after each, so the broker refills the window
+        while the rest are handled and a slow message does not hold back the acks of those
+        before it."""
         executor = self._executor
         if executor.concurrent:
             call = self._call
             for msg in messages:
                 executor.submit(call, [msg])
-        else:
+            return
+        step = self._slice
+        if len(messages) <= step:
             self._call(messages)
+            return
+        for i in range(0, len(messages), step):
+            if self._stop.is_set():
+                return  # the rest stay unsettled and go back to the broker
+            self._call(messages[i:i + step])
+            if self._settlements:
+                self._flush(receiver)
 
     def _call(self, messages: list[IncomingMessage]) -> None:
         """Run the handler; if it breaks, reject (and log) what it left unsettled."""
@@ -421,8 +437,11 @@ class Consumer:
             except Exception as again:
                 failures += 1
                 if failures <= 3 or failures % 20 == 0:
-                    LOG.warning("%s: cannot reconnect (attempt %d): %s; next attempt in %.1fs",
-                                self._name, failures, again, backoff.peek())
+                    # A refused login or a queue declared with other arguments will not cure
+                    # itself: say it louder than a broker that is still restarting.
+                    level = logging.WARNING if self._retryable(again) else logging.ERROR
+                    LOG.log(level, "%s: cannot reconnect (attempt %d): %s; next attempt in "
+                            "%.1fs", self._name, failures, again, backoff.peek())
                 continue
             LOG.info("%s: reconnected after %d failed attempt(s)", self._name, failures)
             self._receiver = receiver
