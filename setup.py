@@ -1,7 +1,22 @@
 """Packaging for tidings: metadata, extras per driver library, and the entry points through
 which drivers, matchmakers and the CLI are found."""
 
+import os
+import re
+
 from setuptools import find_packages, setup
+
+
+def _version() -> str:
+    """The version written in tidings/_version.py (read, not imported: importing tidings would
+    need its dependencies before they are installed)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "tidings", "_version.py"), encoding="utf-8") as fh:
+        match = re.search(r'^__version__ = "([^"]+)"$', fh.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError("tidings/_version.py has no __version__ = \"...\" line")
+    return match.group(1)
+
 
 EXTRAS = {
     "rabbit": ["kombu>=5.3"],
@@ -11,12 +26,14 @@ EXTRAS = {
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})  # every driver
 EXTRAS["otel"] = ["opentelemetry-api>=1.20"]  # publish/handle spans, optional
+EXTRAS["metrics"] = ["prometheus_client>=0.17"]  # tidings.metrics, tidings listen --metrics-port
+EXTRAS["plot"] = ["matplotlib>=3.5"]  # tidings bench --plot
 EXTRAS["test"] = ["pytest>=7", "hypothesis>=6", "oslo.messaging>=14", "ruff",
-                  "opentelemetry-sdk>=1.20"]
+                  "opentelemetry-sdk>=1.20", *EXTRAS["metrics"]]
 
 setup(
     name="tidings",
-    version="0.1.0",
+    version=_version(),
     description="Notifications and listener pools over pluggable transports "
                 "(oslo.messaging-compatible notification API)",
     long_description=open("README.md", encoding="utf-8").read(),

@@ -9,11 +9,20 @@ Three figures per run, each with latency percentiles where they mean something:
 
 A *reference* (oslo.messaging, or a raw client loop registered by a benchmark script) runs the
 same workload in the same run, so results are ratios, never absolute promises.
+
+A run leaves nothing of its own on a shared broker: its topic, pools and queues are named for the
+run, and where the driver takes ``queue_expiry`` they are declared with one (see
+:func:`bench_queue_expiry`), so the broker deletes them once the run is over, Ctrl-C or not. The
+exchange is one fixed name, ``tidings-bench`` (``tidings-bench-durable`` for durable queues),
+shared by every run and left empty: tidings' API has no call that deletes an exchange.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import math
 import statistics
 import sys
 import threading
@@ -23,8 +32,59 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["BenchResult", "Workload", "format_table", "run_oslo", "run_phases", "run_raw",
-           "run_tidings"]
+__all__ = ["BENCH_EXCHANGE", "BenchResult", "Workload", "bench_queue_expiry", "format_table",
+           "require_plotting", "run_oslo", "run_phases", "run_raw", "run_tidings",
+           "shared_exchange", "with_queue_expiry"]
+
+BENCH_EXCHANGE = "tidings-bench"
+LOG = logging.getLogger(__name__)
+
+
+def with_queue_expiry(url: str, seconds: float) -> str:
+    """``url`` with ``queue_expiry=seconds`` added where its driver takes that option and the
+    URL does not set it already (``queue_expiry=0`` in the URL keeps queues forever).
+
+    Run-specific queues declared through such a URL are deleted by the broker ``seconds`` after
+    their last consumer left, however the run ended. Any other URL comes back unchanged.
+    """
+    from tidings.transports.errors import DriverLoadFailure
+    from tidings.transports.loader import load_driver_class
+    from tidings.transports.url import TransportURL
+
+    parsed = TransportURL.parse(url)
+    try:
+        accepted = load_driver_class(parsed.driver).options
+    except DriverLoadFailure:
+        return url  # get_notification_transport explains it
+    if "queue_expiry" not in accepted or "queue_expiry" in parsed.query:
+        return url
+    extra = (("queue_expiry", f"{seconds:g}"),)
+    return str(dataclasses.replace(parsed, query_items=parsed.query_items + extra))
+
+
+def shared_exchange(base: str, transport: Any) -> str:
+    """The one exchange every run of a command uses: ``base``, or ``base-durable`` when the
+    transport declares durable queues (and so durable exchanges, which a broker will not
+    declare over a non-durable one of the same name)."""
+    return f"{base}-durable" if transport.capabilities.durable else base
+
+
+def bench_queue_expiry(messages: int) -> int:
+    """Seconds a bench run's queues live unused: 60, plus a second per 100 notifications.
+
+    A pool's queue has no consumer while the publish phase fills it, and a broker counts that
+    time against the expiry; this covers a publish rate down to 100 notifications a second."""
+    return 60 + math.ceil(messages / 100)
+
+
+def require_plotting() -> None:
+    """Raise RuntimeError saying what to install unless ``--plot`` can draw (checked before a
+    run, not after it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib, which is not installed: pip install "
+                           "'tidings[plot]' (or leave out --plot)") from exc
 
 
 @dataclass
@@ -188,12 +248,16 @@ class _TidingsAdapter:
 
         self._tidings = tidings
         self.work = work
-        self.transport = tidings.get_notification_transport(work.url)
+        self.transport = tidings.get_notification_transport(
+            with_queue_expiry(work.url, bench_queue_expiry(work.messages)))
         self.name = f"tidings {self.transport.driver_name}"
         self.stores_backlog = self.transport.capabilities.stores_without_listener
+        # The topic (so the group's queue) and the pools are this run's; the exchange is shared
+        # (see the module docstring).
         self.run = uuid.uuid4().hex[:8]
-        self.target = tidings.Target("bench", exchange=f"tidings-bench-{self.run}")
-        self.notifier = tidings.Notifier(self.transport, "bench", topics=["bench"],
+        self.target = tidings.Target(topic=f"bench-{self.run}",
+                                     exchange=shared_exchange(BENCH_EXCHANGE, self.transport))
+        self.notifier = tidings.Notifier(self.transport, "bench", topics=[f"bench-{self.run}"],
                                          exchange=self.target.exchange, raise_on_failure=True)
 
     def start(self, sink: _Sink) -> Callable[[], None]:
@@ -238,8 +302,9 @@ class _OsloAdapter:
         conf([], project="tidings-bench")
         oslo_url = "fake:" if url.driver != "rabbit" else str(url.with_query(()))
         self.transport = oslo_messaging.get_notification_transport(conf, url=oslo_url)
+        self.url = work.url if url.driver == "rabbit" else None
         self.run = uuid.uuid4().hex[:8]
-        self.target = oslo_messaging.Target(topic=f"bench-{self.run}")
+        self.target = oslo_messaging.Target(topic=f"oslo-bench-{self.run}")
         self.notifier = oslo_messaging.Notifier(self.transport, "bench", driver="messagingv2",
                                                 topics=[self.target.topic])
 
@@ -259,6 +324,20 @@ class _OsloAdapter:
 
     def close(self) -> None:
         self.transport.cleanup()
+        if self.url is not None:
+            # oslo.messaging declares its notification queues without an expiry and cannot be
+            # asked for one: delete this run's on the broker itself.
+            from tidings.bench_raw import delete_amqp_queues
+
+            queues = [f"{self.target.topic}.info"]
+            queues += [f"oslo-{g}-{self.run}" for g in self.work.groups if g is not None]
+            try:
+                delete_amqp_queues(self.url, queues)
+            except Exception as exc:  # the results stand; say what is left
+                from tidings.transports.url import mask_password
+
+                LOG.warning("could not delete oslo.messaging's queues of this run (%s): %s",
+                            ", ".join(queues), mask_password(str(exc)))
 
 
 def _stop_all(listeners: list[Any]) -> None:
@@ -333,13 +412,12 @@ def save(results: list[BenchResult], json_path: str | None, plot_path: str | Non
         with open(json_path, "w", encoding="utf-8") as fh:
             json.dump([r.as_dict() for r in results], fh, indent=2)
     if plot_path:
-        try:
-            import matplotlib
+        require_plotting()
+        import matplotlib
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
         labels = ["publish", "drain", "end to end"]
         fig, ax = plt.subplots(figsize=(7, 3.5))
         width = 0.8 / len(results)

@@ -7,6 +7,8 @@
   (benchmarks/bench_zmq.py also has an acknowledged DEALER/ROUTER loop).
 
 Each is an adapter for :func:`tidings.bench.run_phases`; the broker library is imported only here.
+:func:`delete_amqp_queues` removes the queues the oslo.messaging reference declares on RabbitMQ
+(oslo gives them no expiry), so a run leaves none behind.
 """
 
 from __future__ import annotations
@@ -20,7 +22,41 @@ from typing import Any
 from tidings.bench import Workload, _Sink
 from tidings.transports.url import TransportURL
 
-__all__ = ["RawAmqpAdapter", "RawZmqAdapter"]
+__all__ = ["RawAmqpAdapter", "RawZmqAdapter", "delete_amqp_queues"]
+
+RAW_QUEUE_EXPIRY_MS = 600_000
+"""x-expires of the raw loop's queues: they are deleted at the end of the run, and by the
+broker 10 minutes later if the run was killed before it could."""
+
+
+def _amqp_params(url: TransportURL) -> dict[str, str]:
+    """py-amqp connection arguments for the URL's first host (guest by default)."""
+    host = url.hosts[0] if url.hosts else None
+    return {
+        "host": f"{(host and host.hostname) or 'localhost'}:{(host and host.port) or 5672}",
+        "userid": (host and host.username) or "guest",
+        "password": (host and host.password) or "guest",
+        "virtual_host": url.virtual_host or "/",
+    }
+
+
+def delete_amqp_queues(url: str, queues: list[str]) -> None:
+    """Delete ``queues`` (those that exist) on the RabbitMQ of ``url``; best effort."""
+    import amqp
+
+    conn = amqp.Connection(**_amqp_params(TransportURL.parse(url)))
+    try:
+        conn.connect()
+        for name in queues:
+            chan = conn.channel()
+            try:
+                chan.queue_delete(name)
+            except amqp.exceptions.AMQPError:
+                pass  # not there (the broker closed that channel): nothing to delete
+            else:
+                chan.close()
+    finally:
+        conn.close()
 
 
 class RawAmqpAdapter:
@@ -34,14 +70,7 @@ class RawAmqpAdapter:
         self._amqp = amqp
         self.work = work
         self.name = "raw py-amqp"
-        url = TransportURL.parse(work.url)
-        host = url.hosts[0] if url.hosts else None
-        self._params = {
-            "host": f"{(host and host.hostname) or 'localhost'}:{(host and host.port) or 5672}",
-            "userid": (host and host.username) or "guest",
-            "password": (host and host.password) or "guest",
-            "virtual_host": url.virtual_host or "/",
-        }
+        self._params = _amqp_params(TransportURL.parse(work.url))
         run = uuid.uuid4().hex[:8]
         self.exchange = f"raw-bench-{run}"
         self.queues = [f"raw-bench-{run}-{g or 'group'}" for g in work.groups]
@@ -49,7 +78,8 @@ class RawAmqpAdapter:
         self._chan = self._conn.channel()
         self._chan.exchange_declare(self.exchange, "topic", durable=False, auto_delete=False)
         for q in self.queues:
-            self._chan.queue_declare(q, durable=False, auto_delete=False)
+            self._chan.queue_declare(q, durable=False, auto_delete=False,
+                                     arguments={"x-expires": RAW_QUEUE_EXPIRY_MS})
             self._chan.queue_bind(q, self.exchange, "bench.info")
 
     def _connect(self) -> Any:

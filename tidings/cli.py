@@ -1,36 +1,52 @@
-"""The ``tidings`` command: demo, drivers, listen and notify.
+"""The ``tidings`` command: demo, drivers, listen, notify and bench.
 
 Errors are one readable line saying what to do (``--verbose`` shows the traceback), never a
-bare traceback, and never a password.
+bare traceback, and never a password. Log lines are short: the per-attempt warnings of a send
+that the final error sums up are left out unless ``--verbose``.
+
+Nothing of a run is left on a shared broker: the demo's and the benchmark's topics, pools and
+queues are named for the run and declared with ``queue_expiry`` where the driver takes it, and
+so is the queue of ``listen --pool`` (unless the URL sets ``queue_expiry`` itself), so the broker
+deletes them after the run however it ended. Their exchanges are one fixed name per command
+(``tidings-demo``, ``tidings-bench``), shared by every run: tidings' API cannot delete an
+exchange.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from tidings._version import __version__
+from tidings.bench import shared_exchange, with_queue_expiry
 from tidings.notify.dispatcher import PRIORITIES, NotificationResult
 from tidings.notify.filter import NotificationFilter
 from tidings.notify.listener import get_notification_listener
 from tidings.notify.notifier import Notifier
-from tidings.transports.errors import DriverLoadFailure, TidingsError
+from tidings.transports.errors import (
+    DriverLoadFailure,
+    MessageDeliveryFailure,
+    TidingsError,
+    TransportUnreachable,
+)
 from tidings.transports.loader import available_drivers, load_driver_class
 from tidings.transports.transport import Target, Transport, get_notification_transport
-from tidings.transports.url import TransportURL, mask_password
+from tidings.transports.url import mask_password
 
 __all__ = ["main"]
 
@@ -47,8 +63,20 @@ EXAMPLES = {
 }
 
 
+WIDTH = 100  # columns the command's own output fits in
+
+PRIORITY_ALIASES = {"warning": "warn"}
+"""Other names of priorities: oslo.messaging's Notifier has warning() as well as warn()."""
+
+
 class CLIError(Exception):
     """A user-facing failure: printed as one line, exit status 2."""
+
+
+def _priority(text: str) -> str:
+    """``--priority`` as typed (any case, ``warning`` for ``warn``) -> a priority name."""
+    name = text.strip().lower()
+    return PRIORITY_ALIASES.get(name, name)
 
 
 # -- demo ---------------------------------------------------------------------------------
@@ -111,7 +139,7 @@ class _ProcessMembers:
         # connection is up first can otherwise take up to its whole prefetch before the
         # others finish their handshakes (docs/zmq.md).
         cmd = [sys.executable, "-m", "tidings.cli", "_member", self.url,
-               "--exchange", str(self.target.exchange), "--topic", self.target.topic,
+               "--exchange", str(self.target.exchange), "--topic", str(self.target.topic),
                "--prefetch", "2"]
         if pool is not None:
             cmd += ["--pool", pool]
@@ -159,8 +187,8 @@ def run_member(args: argparse.Namespace) -> int:
                 print(payload["n"], flush=True)
 
     listener = get_notification_listener(
-        transport, [Target(args.topic, exchange=args.exchange)], [Echo()], pool=args.pool,
-        prefetch=args.prefetch)
+        transport, [Target(topic=args.topic, exchange=args.exchange)], [Echo()],
+        pool=args.pool, prefetch=args.prefetch)
     listener.start()
     print("ready", flush=True)
     sys.stdin.read()  # until the parent closes our stdin
@@ -171,6 +199,8 @@ def run_member(args: argparse.Namespace) -> int:
 
 
 DEMO_QUEUE_EXPIRY = 30  # seconds
+DEMO_EXCHANGE = "tidings-demo"
+LISTEN_POOL_EXPIRY = 60  # seconds
 
 
 def _demo_url(url: str) -> str:
@@ -178,15 +208,7 @@ def _demo_url(url: str) -> str:
     it, so the queues a demo run declares on a real broker (its group queue and its two pools,
     named for the run) are deleted by the broker once the run has ended, instead of piling up
     one set per run."""
-    parsed = TransportURL.parse(url)
-    try:
-        accepted = load_driver_class(parsed.driver).options
-    except DriverLoadFailure:
-        return url  # get_notification_transport explains it
-    if "queue_expiry" not in accepted or "queue_expiry" in parsed.query:
-        return url
-    extra = (("queue_expiry", str(DEMO_QUEUE_EXPIRY)),)
-    return str(dataclasses.replace(parsed, query_items=parsed.query_items + extra))
+    return with_queue_expiry(url, DEMO_QUEUE_EXPIRY)
 
 
 def run_demo(url: str, count: int, members: int, timeout: float, out: Any,
@@ -194,7 +216,7 @@ def run_demo(url: str, count: int, members: int, timeout: float, out: Any,
     """Start the no-pool group and two pools, send ``count`` notifications, check the split.
 
     With ``processes``, every member is a separate process, so the split is across processes
-    (on ZeroMQ with the sqlite matchmaker this needs nothing installed).
+    (on ZeroMQ with the sqlite matchmaker this needs pyzmq and no broker).
     """
     url = _demo_url(url)
     transport = get_notification_transport(url)
@@ -208,11 +230,13 @@ def run_demo(url: str, count: int, members: int, timeout: float, out: Any,
         else:
             print(f"note: the {transport.driver_name} driver declares no pools; "
                   f"showing the no-pool group only", file=out)
-        # Names of this run's own: concurrent runs do not meet, a URL with other queue options
-        # (durable=true) never meets an earlier declaration, and the queues expire after the
-        # run (see _demo_url). The exchange stays, empty: brokers do not expire exchanges.
+        # The topic and the pools are this run's own: concurrent runs do not meet, a URL with
+        # other queue options (durable=true) never meets an earlier declaration, and the queues
+        # expire after the run (see _demo_url). The exchange is shared by every run and stays,
+        # empty (brokers do not expire exchanges and tidings' API cannot delete one); a durable
+        # one has its own name, since a broker refuses to redeclare an exchange durable.
         run = uuid.uuid4().hex[:8]
-        target = Target(f"demo-{run}", exchange=f"tidings-demo-{run}")
+        target = Target(topic=f"demo-{run}", exchange=shared_exchange(DEMO_EXCHANGE, transport))
         runner: _ThreadMembers | _ProcessMembers = (
             _ProcessMembers(url, target) if processes else _ThreadMembers(transport, target))
         groups: dict[str | None, list[_Member]] = {}
@@ -226,7 +250,7 @@ def run_demo(url: str, count: int, members: int, timeout: float, out: Any,
             if not runner.ready(timeout):
                 raise CLIError(f"the demo's listener processes were not ready within "
                                f"{timeout:.0f}s")
-            notifier = Notifier(transport, "tidings.demo", topics=[target.topic],
+            notifier = Notifier(transport, "tidings.demo", topics=[f"demo-{run}"],
                                 exchange=target.exchange, retry=3, raise_on_failure=True)
             began = time.perf_counter()
             sent = [str(i) for i in range(count)]
@@ -284,14 +308,17 @@ def _report(groups: dict[str | None, list[_Member]], sent: list[str], members: i
 
 # -- drivers ------------------------------------------------------------------------------
 
+def _fill(text: str, indent: str = "") -> str:
+    return textwrap.fill(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False,
+                         break_long_words=False)
+
+
 def run_drivers(out: Any) -> int:
+    """One column per scheme, one row per capability, in blocks of columns that fit WIDTH."""
     from tidings.transports.base import Capabilities
 
     names = Capabilities.names()
-    short = {n: n.replace("requeue_to_other_member", "requeue_other")
-             .replace("stores_without_listener", "stores_unheard") for n in names}
-    header = f"{'scheme':<14}" + "".join(f"{short[n]:>16}" for n in names)
-    print(header, file=out)
+    rows: dict[str, dict[str, bool]] = {}
     problems = []
     for scheme in available_drivers():
         try:
@@ -299,14 +326,34 @@ def run_drivers(out: Any) -> int:
         except DriverLoadFailure as exc:
             problems.append(f"{scheme}: {exc}")
             continue
-        caps = cls.capabilities.as_dict()
-        print(f"{scheme:<14}" + "".join(f"{'yes' if caps[n] else '-':>16}" for n in names),
+        rows[scheme] = cls.capabilities.as_dict()
+    first = max(len("capability"), *(len(n) for n in names)) + 2
+
+    def cell(text: str, scheme: str) -> str:
+        return f"{text:<{max(3, len(scheme)) + 2}}"
+
+    blocks: list[list[str]] = []
+    used = WIDTH
+    for scheme in rows:
+        if used + len(cell("", scheme)) > WIDTH + 2:  # the last column needs no gap after it
+            blocks.append([])
+            used = first
+        blocks[-1].append(scheme)
+        used += len(cell("", scheme))
+    for i, block in enumerate(blocks):
+        if i:
+            print(file=out)
+        print((f"{'capability':<{first}}" + "".join(cell(s, s) for s in block)).rstrip(),
               file=out)
-    print("(as declared with default URL options: a driver may declare more once an option "
-          "turns a feature on, e.g. rabbit:// and amqp:// with isolate_exchanges=true, "
-          "durable=true or dead_letter_exchange=...)", file=out)
+        for name in names:
+            cells = "".join(cell("yes" if rows[s][name] else "-", s) for s in block)
+            print(f"{name:<{first}}{cells}".rstrip(), file=out)
+    print(file=out)
+    print(_fill("(as declared with default URL options: a driver may declare more once an "
+                "option turns a feature on, e.g. rabbit:// and amqp:// with "
+                "isolate_exchanges=true, durable=true or dead_letter_exchange=...)"), file=out)
     for line in problems:
-        print(f"not loadable: {line}", file=out)
+        print(_fill(f"not loadable: {line}", "  "), file=out)
     return 0
 
 
@@ -379,14 +426,55 @@ def _show_as(_endpoint: Any, printer: _Printer, priority: str, *args: Any) -> st
     return printer.show(priority, *args)
 
 
+def _start_metrics(args: argparse.Namespace) -> Any:
+    """The running /metrics server of ``listen --metrics-port``, or None without it; started
+    before anything connects, so a missing library or a taken port fails at once."""
+    if args.metrics_port is None:
+        return None
+    from tidings import metrics
+
+    try:
+        metrics.require()
+    except ImportError as exc:
+        raise CLIError(f"--metrics-port: {exc}") from None
+    if not 0 <= args.metrics_port <= 65535:
+        raise CLIError(f"--metrics-port {args.metrics_port}: use a port from 1 to 65535 "
+                       f"(0: any free port)")
+    try:
+        return metrics.serve(metrics.StatsCollector(), args.metrics_port, args.metrics_addr)
+    except OSError as exc:
+        raise CLIError(f"--metrics-port {args.metrics_port}: cannot listen on "
+                       f"{args.metrics_addr}:{args.metrics_port} ({exc.strerror or exc}); "
+                       f"choose another port") from None
+
+
+def _listen_url(args: argparse.Namespace) -> tuple[str, bool]:
+    """The URL ``listen`` uses and whether it added ``queue_expiry``: a ``--pool`` queue made
+    for watching goes away once nobody listens, unless the URL says otherwise."""
+    if args.pool is None:
+        return args.url, False
+    url = with_queue_expiry(args.url, LISTEN_POOL_EXPIRY)
+    return url, url != args.url
+
+
 def run_listen(args: argparse.Namespace, out: Any) -> int:
-    transport = get_notification_transport(args.url)
+    server = _start_metrics(args)
+    try:
+        return _listen(args, out, server)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _listen(args: argparse.Namespace, out: Any, server: Any) -> int:
+    url, expiring = _listen_url(args)
+    transport = get_notification_transport(url)
     try:
         can_requeue = transport.capabilities.requeue
         printer = _Printer(args.json, out, args.count, can_requeue)
         priorities = args.priority or list(PRIORITIES)
         endpoint = printer.endpoint(priorities, _parse_filters(args.filter))
-        targets = [Target(t, exchange=args.exchange) for t in args.topic]
+        targets = [Target(topic=t, exchange=args.exchange) for t in args.topic]
         # prefetch=1: at most one message is held that has not been printed yet.
         listener = get_notification_listener(transport, targets, [endpoint], pool=args.pool,
                                              allow_requeue=can_requeue, prefetch=1)
@@ -394,14 +482,30 @@ def run_listen(args: argparse.Namespace, out: Any) -> int:
         group = (f"pool {args.pool!r} (gets its own copy of every notification)" if args.pool
                  else "the no-pool group (shares notifications with the other consumers of it; "
                       "use --pool NAME to get a copy of everything)")
+        if expiring:
+            group += (f"; its queue expires {LISTEN_POOL_EXPIRY}s after the last member leaves "
+                      f"(queue_expiry=0 in the URL keeps it)")
+        if server is not None:
+            server.collector.watch_listener(listener, args.pool or "group")
         # The handler goes in before the banner: a Ctrl-C right after "listening on" must stop
         # cleanly, not raise KeyboardInterrupt.
         previous = signal.signal(signal.SIGINT, lambda *_: printer.done.set())
         try:
-            listener.start()
+            try:
+                listener.start()
+            except TidingsError as exc:
+                # A driver that refuses the pool's queue as declared says which options must
+                # match (the URL it shows aside); the expiry is ours: say how to go without it.
+                if not expiring or "queue_expiry" not in re.sub(r"\S+://\S*", "", str(exc)):
+                    raise
+                raise CLIError(f"{exc} (tidings listen declared pool {args.pool!r} with "
+                               f"queue_expiry={LISTEN_POOL_EXPIRY}; to join a queue declared "
+                               f"without one, add queue_expiry=0 to the URL)") from exc
             print(f"listening on {where} ({', '.join(priorities)}) via "
                   f"{transport.url.masked()} as a member of {group}; Ctrl-C stops",
                   file=sys.stderr, flush=True)
+            if server is not None:
+                print(f"metrics: {server.url}", file=sys.stderr, flush=True)
             while not printer.done.wait(0.2):
                 pass
         finally:
@@ -414,20 +518,35 @@ def run_listen(args: argparse.Namespace, out: Any) -> int:
         transport.cleanup()
 
 
-def run_notify(args: argparse.Namespace, out: Any) -> int:
-    raw = args.payload
-    if raw.startswith("@"):
+def _read_payload(spec: str) -> Any:
+    """``--payload``: JSON, or ``@FILE`` holding JSON; errors name the file."""
+    if not spec.startswith("@"):
         try:
-            with open(raw[1:], encoding="utf-8") as fh:
-                raw = fh.read()
-        except OSError as exc:
-            raise CLIError(f"--payload {args.payload}: cannot read the file ({exc.strerror})") \
-                from None
+            return json.loads(spec)
+        except ValueError as exc:
+            raise CLIError(f"--payload is not valid JSON ({exc}); quote it, e.g. "
+                           f"--payload '{{\"id\": 1}}', or use @file.json") from None
+    path = spec[1:]
+    if not path:
+        raise CLIError("--payload @: name the file after the @, e.g. --payload @event.json")
     try:
-        payload = json.loads(raw)
+        with open(path, encoding="utf-8") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise CLIError(f"--payload {spec}: cannot read the file {path!r} "
+                       f"({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"--payload {spec}: the file {path!r} is not UTF-8 text ({exc.reason} "
+                       f"at byte {exc.start})") from None
+    try:
+        return json.loads(raw)
     except ValueError as exc:
-        raise CLIError(f"--payload is not valid JSON ({exc}); quote it, e.g. "
-                       f"--payload '{{\"id\": 1}}', or use @file.json") from None
+        raise CLIError(f"--payload {spec}: the file {path!r} is not valid JSON ({exc}); fix "
+                       f"it, or pass the JSON itself") from None
+
+
+def run_notify(args: argparse.Namespace, out: Any) -> int:
+    payload = _read_payload(args.payload)
     transport = get_notification_transport(args.url)
     try:
         notifier = Notifier(transport, args.publisher_id, topics=args.topic,
@@ -435,7 +554,16 @@ def run_notify(args: argparse.Namespace, out: Any) -> int:
         send = getattr(notifier, args.priority)
         began = time.perf_counter()
         for _ in range(args.count):
-            send({}, args.event_type, payload)
+            try:
+                send({}, args.event_type, payload)
+            except MessageDeliveryFailure as exc:
+                cause = exc.__cause__
+                if not isinstance(cause, TransportUnreachable) or args.retry < 0:
+                    raise
+                tries = args.retry + 1
+                raise CLIError(f"{str(cause).rstrip('.')}; gave up after {tries} attempt"
+                               f"{'s' if tries > 1 else ''} (--retry {args.retry}; -1 retries "
+                               f"until the broker answers)") from exc
         took = time.perf_counter() - began
         print(f"sent {args.count} {args.priority} notification(s) {args.event_type!r} to "
               f"{notifier.exchange}/{','.join(t + '.' + args.priority for t in notifier.topics)}"
@@ -448,6 +576,8 @@ def run_notify(args: argparse.Namespace, out: Any) -> int:
 def run_bench(args: argparse.Namespace, out: Any) -> int:
     from tidings import bench
 
+    if args.plot:
+        bench.require_plotting()  # before the run, not after it
     work = bench.Workload(args.url, messages=args.messages, size=args.size, pools=args.pools,
                           members=args.members, progress=sys.stderr.isatty() or args.progress)
     results = [bench.run_tidings(work)]
@@ -467,13 +597,19 @@ def _parser() -> argparse.ArgumentParser:
         prog="tidings", description="Send, watch and demonstrate notifications.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()))
-    parser.add_argument("--verbose", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"tidings {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show tracebacks and debug logs (also after the command)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text,
-                              epilog=f"example:\n  {EXAMPLES[name]}",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        command = sub.add_parser(name, help=help_text, description=help_text,
+                                 epilog=f"example:\n  {EXAMPLES[name]}",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        # SUPPRESS: given before the command, it is not reset to False here.
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks and debug logs")
+        return command
 
     demo = add("demo", "start the no-pool group and two pools, send notifications, "
                        "show who received what and check the pool guarantees")
@@ -485,7 +621,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="seconds to wait for delivery (30)")
     demo.add_argument("--processes", action="store_true",
                       help="run every member as a separate process (default URL then: "
-                           "ZeroMQ with an sqlite matchmaker in a temporary file)")
+                           "ZeroMQ with an sqlite matchmaker in a temporary file, which needs "
+                           "pyzmq: pip install 'tidings[zmq]')")
     # Internal (the demo's member processes): no help=, so argparse does not list it.
     member = sub.add_parser("_member")
     member.add_argument("url")
@@ -502,20 +639,31 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--exchange", default=None, help="exchange (default: openstack)")
     listen.add_argument("--pool", default=None,
                         help="join this pool (gets its own copy) instead of the no-pool group")
-    listen.add_argument("--priority", action="append", choices=PRIORITIES,
-                        help="only these priorities (repeatable; default all)")
+    listen.add_argument("--priority", action="append", choices=PRIORITIES, type=_priority,
+                        metavar="PRIORITY",
+                        help=f"only these priorities, of {', '.join(PRIORITIES)} ('warning' "
+                             f"means warn; repeatable; default all)")
     listen.add_argument("--filter", action="append", default=[],
                         help="FIELD=REGEX on publisher_id, event_type, payload.KEY, "
                              "context.KEY or metadata.KEY (repeatable)")
     listen.add_argument("--json", action="store_true", help="JSON lines instead of text")
     listen.add_argument("--count", type=int, default=None, help="stop after N notifications")
+    listen.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve the listener's statistics for Prometheus on "
+                             "http://ADDR:PORT/metrics (pip install 'tidings[metrics]'; "
+                             "docs/metrics.md)")
+    listen.add_argument("--metrics-addr", default="0.0.0.0", metavar="ADDR",
+                        help="address the metrics endpoint listens on (default 0.0.0.0: all)")
 
     notify = add("notify", "send one or many notifications")
     notify.add_argument("url")
     notify.add_argument("--topic", action="append", default=None,
                         help="topic (repeatable; default notifications)")
     notify.add_argument("--exchange", default=None, help="exchange (default: openstack)")
-    notify.add_argument("--priority", default="info", choices=PRIORITIES)
+    notify.add_argument("--priority", default="info", choices=PRIORITIES, type=_priority,
+                        metavar="PRIORITY",
+                        help=f"one of {', '.join(PRIORITIES)} ('warning' means warn; "
+                             f"default info)")
     notify.add_argument("--event-type", required=True)
     notify.add_argument("--payload", default="{}", help="JSON, or @file to read it from a file")
     notify.add_argument("--publisher-id", default="tidings.cli")
@@ -533,18 +681,79 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", choices=("oslo", "raw"), default=None,
                        help="run the same workload through oslo.messaging or a raw client")
     bench.add_argument("--json", default=None, metavar="FILE", help="write results as JSON")
-    bench.add_argument("--plot", default=None, metavar="PNG", help="bar chart (matplotlib)")
+    bench.add_argument("--plot", default=None, metavar="PNG",
+                       help="bar chart (needs matplotlib: pip install 'tidings[plot]')")
     bench.add_argument("--progress", action="store_true", help="progress bar even when piped")
     # The usage line names the public commands only.
     sub.metavar = "{" + ",".join(name for name in sub.choices if not name.startswith("_")) + "}"
     return parser
 
 
+class _ShortLog(logging.Filter):
+    """Without --verbose: log records as one short line each, and the per-attempt warnings of
+    the send retry policy left out (the error that ends a failed send sums them up; with an
+    endless or long --retry, one line says that it is waiting)."""
+
+    RETRY_LOGGER = "tidings.transports.retry"
+
+    def __init__(self, command: str, retry: int | None) -> None:
+        super().__init__()
+        self.command = command
+        self.announce = retry is not None and (retry < 0 or retry > 5)
+        self.retry = retry
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.command = self.command
+        record.level = record.levelname.lower()
+        if record.name == self.RETRY_LOGGER and record.levelno < logging.ERROR:
+            if not self.announce:
+                return False
+            self.announce = False
+            how = "until it answers" if self.retry is not None and self.retry < 0 else \
+                f"up to {self.retry} times"
+            record.msg, record.args = (f"the broker did not take the notification; retrying "
+                                       f"{how} (Ctrl-C stops, --verbose shows each attempt)"), ()
+            return True
+        lines = record.getMessage().strip().splitlines() or [""]
+        text = lines[0] + (" ..." if len(lines) > 1 else "")
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text += f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; " \
+                    f"--verbose shows the traceback)"
+            record.exc_info, record.exc_text = None, None
+        record.msg, record.args = mask_password(text), ()
+        return True
+
+
+def _setup_logging(args: argparse.Namespace, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if verbose:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("tidings %(command)s: %(level)s: %(message)s"))
+        handler.addFilter(_ShortLog(args.command, getattr(args, "retry", None)))
+    handler.set_name("tidings-cli")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == "tidings-cli"]:
+        root.removeHandler(old)  # main() called again in one process
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _check_processes_demo() -> None:
+    """``demo --processes`` without a URL runs on zmq://: say what to install before starting."""
+    try:
+        load_driver_class("zmq")
+    except DriverLoadFailure as exc:
+        raise CLIError(f"demo --processes runs its members over zmq:// unless given a broker "
+                       f"URL, and {exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    verbose = bool(getattr(args, "verbose", False))
+    _setup_logging(args, verbose)
     out = sys.stdout
     try:
         if args.command == "demo":
@@ -553,6 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.url:
                 url = args.url
             elif args.processes:
+                _check_processes_demo()
                 registry = os.path.join(tempfile.gettempdir(),
                                         f"tidings-demo-{uuid.uuid4().hex[:8]}.db")
                 url = f"zmq+sqlite:///{registry}"  # an absolute path: four slashes in all
@@ -579,7 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise CLIError("--messages and --members must be at least 1, --pools at least 0")
             return run_bench(args, out)
     except (CLIError, TidingsError, ValueError, NotImplementedError, RuntimeError) as exc:
-        if args.verbose:
+        if verbose:
             logging.exception("tidings %s failed", args.command)
         print(f"tidings {args.command}: error: {mask_password(str(exc))}", file=sys.stderr)
         return 2
