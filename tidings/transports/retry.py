@@ -79,8 +79,12 @@ def call_with_retry(attempt: Callable[[], T], retry: int | None, what: str, *,
                     f"{what} failed after {failures} attempt(s) (retry={retry}): {exc}. "
                     f"Check that the broker is reachable, or raise retry.") from exc
             delay = backoff.next()
-            LOG.warning("%s failed (attempt %d, retry=%s): %s; trying again in %.1fs",
-                        what, failures, "forever" if retry is None else retry, exc, delay)
+            if failures == 1 or failures % 20 == 0:  # the whole story now and then
+                LOG.warning("%s failed (attempt %d, retry=%s): %s; trying again in %.1fs",
+                            what, failures, "forever" if retry is None else retry, exc, delay)
+            else:
+                LOG.warning("%s: attempt %d failed too (%s); trying again in %.1fs", what,
+                            failures, type(exc).__name__, delay)
             if stop is not None and stop.wait(delay):
                 raise MessageDeliveryFailure(f"{what} abandoned: the transport was cleaned up") \
                     from exc
