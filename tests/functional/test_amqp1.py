@@ -4,7 +4,8 @@ AMQP 1.0 plugin, in a fresh virtual host for this module (deleted afterwards).
 Every test uses its own uuid'd exchange, topics and pools, so the tests share the virtual host
 without seeing each other's messages. Queue depths are read over AMQP 0-9-1 (passive declares),
 the way an operator would check them. Waits are bounded waits on events or on poll() deadlines,
-never bare sleeps.
+never bare sleeps. Driver-level tests drive the driver's receiver by hand, as the core does
+(``RawListener``); the others go through notification listeners.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import pytest
 import tidings
 from tidings import NotificationResult, Target
 from tidings.testing.brokers import rabbit_vhost, require_service
+from tidings.testing.conformance_harness import RawListener
 from tidings.testing.proxy import FaultProxy
-from tidings.transports.base import Binding, IncomingMessage, Listener
+from tidings.transports.base import Binding, IncomingMessage
 from tidings.transports.errors import (
     InvalidTransportOption,
     MessageDeliveryFailure,
@@ -104,7 +106,13 @@ def wait_until(check: Callable[[], bool], timeout: float = WAIT, what: str = "co
         ev.wait(0.05)  # re-check a broker-side condition no event can signal
 
 
-def take(listener: Listener, n: int, timeout: float = WAIT) -> list[IncomingMessage]:
+def listen(t: Transport, bindings: Sequence[Binding], pool: str | None = None,
+           prefetch: int = 64) -> RawListener:
+    """The driver's receiver, driven as the core drives it (settlements go out on poll())."""
+    return RawListener(t.listen(bindings, pool, prefetch), prefetch)
+
+
+def take(listener: RawListener, n: int, timeout: float = WAIT) -> list[IncomingMessage]:
     """Poll until ``n`` messages arrived (fails after ``timeout``), settling none."""
     got: list[IncomingMessage] = []
     deadline = time.monotonic() + timeout
@@ -115,7 +123,7 @@ def take(listener: Listener, n: int, timeout: float = WAIT) -> list[IncomingMess
     return got
 
 
-def nothing_more(listener: Listener, window: float = QUIET) -> list[IncomingMessage]:
+def nothing_more(listener: RawListener, window: float = QUIET) -> list[IncomingMessage]:
     """Whatever arrives within ``window`` seconds (expected: nothing)."""
     got: list[IncomingMessage] = []
     deadline = time.monotonic() + window
@@ -127,8 +135,8 @@ def nothing_more(listener: Listener, window: float = QUIET) -> list[IncomingMess
 def send(t: Transport, exchange: str, rk: str, key: str, **kw: Any) -> None:
     msg = {"message_id": key, "publisher_id": "test", "event_type": "amqp1.test",
            "priority": "INFO", "payload": {"key": key}, "timestamp": "2026-01-01 00:00:00"}
-    t.send_raw(Target(rk, exchange), tidings.transports.envelope.encode(msg), message_id=key,
-               **kw)
+    t.send_raw(Target(topic=rk, exchange=exchange), tidings.transports.envelope.encode(msg),
+               message_id=key, **kw)
 
 
 def keys_of(msgs: Sequence[IncomingMessage]) -> list[str]:
@@ -167,8 +175,8 @@ def drain(inbox: queue.Queue[tuple[str, str]], n: int,
 
 # -- names and shares (no broker needed) -------------------------------------------------------
 def test_queue_plan_refuses_names_amqp1_addresses_cannot_carry() -> None:
-    from tidings.drivers.amqp1.topology import plan_queues
     from tidings.drivers._rabbitmq.queues import QueueModel
+    from tidings.drivers.amqp1.topology import plan_queues
 
     plans = plan_queues(QueueModel(), [Binding("nova", "notifications.info")], "ceilo")
     assert [p.name for p in plans] == ["ceilo"]  # the core's oslo names, unchanged
@@ -178,12 +186,19 @@ def test_queue_plan_refuses_names_amqp1_addresses_cannot_carry() -> None:
         plan_queues(QueueModel(), [Binding("no/va", "notifications.info")], None)
 
 
-def test_prefetch_is_split_into_per_queue_credit() -> None:
-    from tidings.drivers.amqp1.receiving import split_prefetch
+def test_credit_is_granted_once_used_up_doubling_within_a_shared_window() -> None:
+    from tidings.drivers.amqp1.receiving import credit_to_grant
 
-    assert split_prefetch(64, 1) == [64]
-    assert split_prefetch(10, 3) == [4, 3, 3]
-    assert split_prefetch(2, 7) == [1] * 7  # a link needs 1; poll() still caps at prefetch
+    assert credit_to_grant(64, 3, 0, 8, []) == 0  # credit left: wait until it is used up
+    assert credit_to_grant(64, 0, 10, 64, []) == 54  # one queue: up to prefetch
+    assert credit_to_grant(64, 0, 0, 4, []) == 8  # doubling from the last grant
+    # Seven queues, prefetch 4: each other link keeps its 1 in reserve, the busy one may take
+    # the whole prefetch; its grants double while it keeps using them.
+    idle = [(1, 0)] * 6
+    assert credit_to_grant(4, 0, 1, 1, idle) == 2
+    assert credit_to_grant(4, 0, 3, 2, idle) == 1
+    assert credit_to_grant(4, 0, 0, 1, [(0, 4), *idle[1:]]) == 1  # its own 1, always
+    assert credit_to_grant(4, 0, 1, 1, [(0, 4), *idle[1:]]) == 0  # the rest is taken
 
 
 # -- URL, virtual host, capabilities -----------------------------------------------------------
@@ -235,7 +250,8 @@ def test_notification_round_trip(make: Callable[..., Transport]) -> None:
                  metadata: Any) -> None:
             got.put((ctxt, publisher_id, event_type, payload, metadata))
 
-    listener = tidings.get_notification_listener(t, [Target(topic, ex)], [Endpoint()])
+    listener = tidings.get_notification_listener(t, [Target(topic=topic, exchange=ex)],
+                                                 [Endpoint()])
     listener.start()
     try:
         tidings.Notifier(t, "svc.host1", topics=[topic], exchange=ex,
@@ -254,7 +270,7 @@ def test_headers_id_and_first_delivery_flag_reach_the_listener(
         make: Callable[..., Transport]) -> None:
     t = make()
     ex, rk = f"ex-{uid()}", f"h-{uid()}"
-    listener = t.listen([Binding(ex, rk)], prefetch=5)
+    listener = listen(t, [Binding(ex, rk)], prefetch=5)
     try:
         send(t, ex, rk, "with-headers", headers={"x-signature": "abc", "x-key-id": "k1"})
         (msg,) = take(listener, 1)
@@ -287,12 +303,12 @@ def test_no_pool_group_splits_and_pools_each_get_a_copy(make: Callable[..., Tran
         return result
 
     listeners = [
-        tidings.get_notification_listener(t, [Target(topic, ex)],
+        tidings.get_notification_listener(t, [Target(topic=topic, exchange=ex)],
                                           [Collector(inbox, m, hold_first(m))], prefetch=2)
         for m in ("group-a", "group-b")]
     pools = {f"pool1-{uid()}": ["p1-a", "p1-b"], f"pool2-{uid()}": ["p2"]}
     for pool, members in pools.items():
-        listeners += [tidings.get_notification_listener(t, [Target(topic, ex)],
+        listeners += [tidings.get_notification_listener(t, [Target(topic=topic, exchange=ex)],
                                                         [Collector(inbox, m)], pool=pool)
                       for m in members]
     for listener in listeners:
@@ -339,15 +355,15 @@ def test_exchanges_share_oslo_queues_unless_isolated(make: Callable[..., Transpo
     rk = f"iso-{uid()}"
     xa, xb = f"xa-{uid()}", f"xb-{uid()}"
     shared = make()
-    listener = shared.listen([Binding(xa, rk)], prefetch=10)
+    listener = listen(shared, [Binding(xa, rk)], prefetch=10)
     try:
         send(shared, xb, rk, "from-b")
         assert keys_of(take(listener, 1)) == ["from-b"]  # documented oslo behaviour
     finally:
         listener.close()
     iso = make("isolate_exchanges=true")
-    la = iso.listen([Binding(xa, rk)], prefetch=10)
-    lb = iso.listen([Binding(xb, rk)], prefetch=10)
+    la = listen(iso, [Binding(xa, rk)], prefetch=10)
+    lb = listen(iso, [Binding(xb, rk)], prefetch=10)
     try:
         send(iso, xb, rk, "b1")
         send(iso, xa, rk, "a1")
@@ -366,7 +382,7 @@ def test_requeue_comes_back_on_the_same_session(make: Callable[..., Transport],
     message comes back flagged redelivered, and the same listener keeps receiving."""
     t = make()
     ex, rk = f"ex-{uid()}", f"rq-{uid()}"
-    listener = t.listen([Binding(ex, rk)], prefetch=5)
+    listener = listen(t, [Binding(ex, rk)], prefetch=5)
     try:
         send(t, ex, rk, "again")
         (first,) = take(listener, 1)
@@ -387,10 +403,10 @@ def test_requeued_message_reaches_another_member_once_the_first_closes(
         make: Callable[..., Transport]) -> None:
     t = make()
     ex, rk, pool = f"ex-{uid()}", f"rq2-{uid()}", f"pool-{uid()}"
-    first = t.listen([Binding(ex, rk)], pool=pool, prefetch=5)
+    first = listen(t, [Binding(ex, rk)], pool=pool, prefetch=5)
     send(t, ex, rk, "handover")
     (msg,) = take(first, 1)
-    second = t.listen([Binding(ex, rk)], pool=pool, prefetch=5)
+    second = listen(t, [Binding(ex, rk)], pool=pool, prefetch=5)
     try:
         assert msg.requeue()
         first.close()
@@ -406,7 +422,7 @@ def test_close_returns_unsettled_messages_to_the_queue(make: Callable[..., Trans
                                                        vhost: str) -> None:
     t = make()
     ex, rk = f"ex-{uid()}", f"cl-{uid()}"
-    listener = t.listen([Binding(ex, rk)], prefetch=10)
+    listener = listen(t, [Binding(ex, rk)], prefetch=10)
     for i in range(4):
         send(t, ex, rk, f"c{i}")
     msgs = take(listener, 4)
@@ -420,7 +436,7 @@ def test_close_returns_unsettled_messages_to_the_queue(make: Callable[..., Trans
 def test_prefetch_bounds_unsettled_messages(make: Callable[..., Transport]) -> None:
     t = make()
     ex, rk = f"ex-{uid()}", f"pf-{uid()}"
-    listener = t.listen([Binding(ex, rk)], prefetch=3)
+    listener = listen(t, [Binding(ex, rk)], prefetch=3)
     try:
         for i in range(8):
             send(t, ex, rk, f"p{i}")
@@ -443,7 +459,7 @@ def test_prefetch_smaller_than_the_queues_still_bounds_what_poll_hands_out(
     t = make()
     ex = f"ex-{uid()}"
     rks = [f"multi-{uid()}.{p}" for p in ("info", "warn", "error")]
-    listener = t.listen([Binding(ex, rk) for rk in rks], prefetch=1)
+    listener = listen(t, [Binding(ex, rk) for rk in rks], prefetch=1)
     try:
         for rk in rks:
             send(t, ex, rk, rk)
@@ -464,12 +480,13 @@ def test_malformed_bodies_are_rejected_and_the_listener_goes_on(
     t = make()
     ex, topic = f"ex-{uid()}", f"bad-{uid()}"
     inbox: queue.Queue[tuple[str, str]] = queue.Queue()
-    listener = tidings.get_notification_listener(t, [Target(topic, ex)],
+    listener = tidings.get_notification_listener(t, [Target(topic=topic, exchange=ex)],
                                                  [Collector(inbox, "l")])
     listener.start()
     try:
-        t.send_raw(Target(f"{topic}.info", ex), b"\xff\xfe not utf-8", message_id="bad1")
-        t.send_raw(Target(f"{topic}.info", ex), b"[1, 2]", message_id="bad2")
+        target = Target(topic=f"{topic}.info", exchange=ex)
+        t.send_raw(target, b"\xff\xfe not utf-8", message_id="bad1")
+        t.send_raw(target, b"[1, 2]", message_id="bad2")
         conn, ch = channel_to(vhost)  # an AMQP 0-9-1 publisher with a non-JSON body
         try:
             ch.basic_publish(amqp.Message(b"<xml/>", message_id="bad3"), ex, f"{topic}.info")
@@ -493,7 +510,8 @@ def test_rejected_messages_are_dead_lettered_when_asked(make: Callable[..., Tran
     ex, topic = f"ex-{uid()}", f"dl-{uid()}"
     inbox: queue.Queue[tuple[str, str]] = queue.Queue()
     listener = tidings.get_notification_listener(
-        t, [Target(topic, ex)], [Collector(inbox, "l", lambda k: NotificationResult.REQUEUE)])
+        t, [Target(topic=topic, exchange=ex)],
+        [Collector(inbox, "l", lambda k: NotificationResult.REQUEUE)])
     listener.start()  # allow_requeue=False: REQUEUE means reject, here into the DLX
     try:
         tidings.Notifier(t, "p", topics=[topic], exchange=ex,
@@ -518,7 +536,7 @@ def test_queue_options_reach_the_broker(make: Callable[..., Transport]) -> None:
 def test_names_amqp1_cannot_address_are_refused(make: Callable[..., Transport]) -> None:
     t = make()
     with pytest.raises(ValueError, match="'/'"):
-        t.listen([Binding("a/b", "rk")])
+        listen(t, [Binding("a/b", "rk")])
     with pytest.raises(ValueError, match="'/'"):
         send(t, "a/b", "rk", "k")
 
@@ -531,7 +549,7 @@ def test_unreachable_broker_fails_listen_and_send_clearly(make: Callable[..., Tr
         t = make("connect_timeout=2", port=proxy.port, password="pw-not-shown")
         began = time.monotonic()
         with pytest.raises(TransportUnreachable) as err:
-            t.listen([Binding(f"ex-{uid()}", "rk")])
+            listen(t, [Binding(f"ex-{uid()}", "rk")])
         assert "pw-not-shown" not in str(err.value)
         n = tidings.Notifier(t, "p", topics=["t"], retry=1, raise_on_failure=True)
         with pytest.raises(MessageDeliveryFailure) as err2:
@@ -540,20 +558,33 @@ def test_unreachable_broker_fails_listen_and_send_clearly(make: Callable[..., Tr
         assert time.monotonic() - began < 10
 
 
-def test_listener_reconnects_after_the_connection_is_cut(make: Callable[..., Transport],
-                                                         vhost: str) -> None:
-    """Cut without a clean close: the unsettled message comes back, the listener reconnects by
-    itself (redeclaring its queue) and goes on; its stale ack is dropped, not sent."""
+def test_a_cut_connection_is_reported_and_a_new_receiver_gets_the_message_again(
+        make: Callable[..., Transport], vhost: str) -> None:
+    """Cut without a clean close: receive() and settle() raise TransportUnreachable (the stale
+    ack is not sent), and the next listen(), what the core calls then, redeclares the queue and
+    gets the unsettled message again, flagged redelivered."""
     with FaultProxy(("127.0.0.1", 5672)) as proxy:
-        via_proxy = make("reconnect_interval=0.1&reconnect_max_interval=0.5", port=proxy.port)
+        via_proxy = make(port=proxy.port)
         direct = make()
         ex, rk = f"ex-{uid()}", f"cut-{uid()}"
-        listener = via_proxy.listen([Binding(ex, rk)], prefetch=5)
+        receiver = via_proxy.listen([Binding(ex, rk)], None, 5)
         try:
             send(direct, ex, rk, "before")
-            (held,) = take(listener, 1)
+            deadline = time.monotonic() + WAIT
+            got: list[IncomingMessage] = []
+            while not got and time.monotonic() < deadline:
+                got.extend(receiver.receive(5, 0.2))
+            assert keys_of(got) == ["before"]
             assert proxy.cut() >= 1
-            held.ack()  # its connection is gone: dropped, the broker redelivers it
+            with pytest.raises(TransportUnreachable, match="lost its connection"):
+                while time.monotonic() < deadline:
+                    receiver.receive(5, 0.2)
+            with pytest.raises(TransportUnreachable):
+                receiver.settle([(got[0], "ack")])
+        finally:
+            receiver.close()
+        listener = listen(via_proxy, [Binding(ex, rk)], prefetch=5)
+        try:
             send(direct, ex, rk, "after")
             got = take(listener, 2)
             assert sorted(keys_of(got)) == ["after", "before"]
@@ -576,7 +607,7 @@ def test_a_hung_connection_is_noticed_by_the_idle_timeout(
         direct = make()
         ex, topic = f"ex-{uid()}", f"hung-{uid()}"
         inbox: queue.Queue[tuple[str, str]] = queue.Queue()
-        listener = tidings.get_notification_listener(via_proxy, [Target(topic, ex)],
+        listener = tidings.get_notification_listener(via_proxy, [Target(topic=topic, exchange=ex)],
                                                      [Collector(inbox, "l")])
         notifier = tidings.Notifier(direct, "p", topics=[topic], exchange=ex,
                                     raise_on_failure=True)
@@ -584,7 +615,7 @@ def test_a_hung_connection_is_noticed_by_the_idle_timeout(
         try:
             notifier.info({}, "x", {"key": "before"})
             assert drain(inbox, 1) == [("l", "before")]
-            with caplog.at_level("WARNING", logger="tidings.drivers.amqp1.receiving"):
+            with caplog.at_level("WARNING", logger="tidings.transports.consumer"):
                 proxy.stall()
                 wait_until(lambda: "lost its connection" in caplog.text,
                            what="the listener to notice the hung connection", timeout=10)
@@ -619,7 +650,7 @@ def test_cleanup_closes_connections_and_threads(make: Callable[..., Transport]) 
         t = make(port=proxy.port)
         ex, topic = f"ex-{uid()}", f"cu-{uid()}"
         inbox: queue.Queue[tuple[str, str]] = queue.Queue()
-        listener = tidings.get_notification_listener(t, [Target(topic, ex)],
+        listener = tidings.get_notification_listener(t, [Target(topic=topic, exchange=ex)],
                                                      [Collector(inbox, "l")])
         listener.start()
         tidings.Notifier(t, "p", topics=[topic], exchange=ex).info({}, "x", {"key": "k"})
@@ -630,7 +661,7 @@ def test_cleanup_closes_connections_and_threads(make: Callable[..., Transport]) 
         assert listener.wait(WAIT)
         t.cleanup()
         with pytest.raises(TransportClosed):
-            t.send_raw(Target(topic, ex), b"{}", message_id="late")
+            t.send_raw(Target(topic=topic, exchange=ex), b"{}", message_id="late")
         wait_until(lambda: proxy.open_connections == 0, what="connections to close")
         io_thread.join(WAIT)
         assert not io_thread.is_alive()

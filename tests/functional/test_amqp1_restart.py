@@ -55,7 +55,7 @@ def test_restart_mid_stream_loses_nothing_with_durable_queues(node: RabbitNode) 
             assert transport.capabilities.durable
             log = DeliveryLog()
             listener = tidings.get_notification_listener(
-                transport, [tidings.Target("restart")], [Recorder(log)])
+                transport, [tidings.Target(topic="restart")], [Recorder(log)])
             listener.start()
             notifier = tidings.Notifier(transport, "restart-test", topics=["restart"],
                                         retry=None, raise_on_failure=True)

@@ -47,7 +47,7 @@ from .support import WAIT, Recorder, SendStream, started, uid
 pytestmark = pytest.mark.slow
 
 Figures = Callable[..., dict[str, Any]]
-AMQP1 = Driver("amqp", "tidings.drivers.amqp1.receiving", "consuming again")
+AMQP1 = Driver("amqp", "tidings.transports.consumer", "reconnected")
 
 
 def test_amqp1_broker_restart_mid_stream_of_10000(
@@ -82,7 +82,7 @@ def _round_trip(node: RabbitNode, host: str, query: str) -> None:
     transport = tidings.get_notification_transport(
         f"amqp://guest:guest@{host}:{node.tls_port}/?ssl=true&connect_timeout=3&{query}")
     try:
-        listener = tidings.get_notification_listener(transport, [Target(topic)],
+        listener = tidings.get_notification_listener(transport, [Target(topic=topic)],
                                                      [Recorder(log)])
         with started(listener):
             notifier = tidings.Notifier(transport, "reliability", topics=[topic], retry=0,
@@ -128,9 +128,11 @@ def _amqp10_failures(node: RabbitNode, host: str, query: str) -> tuple[str, str,
     driver._topology = _AlreadyDeclared(driver._settings)
     try:
         started_at = time.monotonic()
+        message = OutgoingMessage("openstack", f"tls-{uid()}.info", b"{}", uid())
         with pytest.raises(TransportUnreachable) as sent:
-            driver.send(OutgoingMessage("openstack", f"tls-{uid()}.info", b"{}", uid()),
-                        timeout=10)
+            error = driver.send_batch([message], 10)[0]
+            if error is not None:
+                raise error
         send_s = time.monotonic() - started_at
         started_at = time.monotonic()
         with pytest.raises(TransportUnreachable) as listened:

@@ -83,7 +83,7 @@ def call_with_retry(attempt: Callable[[], T], retry: int | None, what: str, *,
                 LOG.warning("%s failed (attempt %d, retry=%s): %s; trying again in %.1fs",
                             what, failures, "forever" if retry is None else retry, exc, delay)
             else:
-                LOG.warning("%s: attempt %d failed too (%s); trying again in %.1fs", what,
+                LOG.warning("%s failed (attempt %d: %s); trying again in %.1fs", what,
                             failures, type(exc).__name__, delay)
             if stop is not None and stop.wait(delay):
                 raise MessageDeliveryFailure(f"{what} abandoned: the transport was cleaned up") \

@@ -1,18 +1,16 @@
 """Opening AMQP 1.0 connections to RabbitMQ, and the handler base both sides share.
 
-RabbitMQ's AMQP 1.0 plugin picks the virtual host from the ``hostname`` of the open frame: a
-value ``vhost:<name>`` selects ``<name>``; anything else falls back to the plugin's default
-virtual host (``/``). proton sends the ``virtual_host`` connect argument as that hostname (and as
-the SASL hostname), so the driver passes ``vhost:<name>`` there. Credentials go as separate
-arguments, never inside the URL string proton logs.
+RabbitMQ's AMQP 1.0 plugin picks the virtual host from the open frame's ``hostname``: ``vhost:
+<name>`` selects ``<name>``, anything else the plugin's default (``/``). proton sends its
+``virtual_host`` connect argument as that hostname, so the driver passes ``vhost:<name>`` there;
+credentials go as separate arguments, never inside the URL string proton logs.
 
-With TLS (``ssl=true``, the options shared with ``rabbit://`` in :mod:`tidings.drivers._rabbitmq.tls`)
-the connection is ``amqps`` with a client :class:`proton.SSLDomain` made from the settings. proton
-checks the broker's certificate against the name it also sends as SNI, and that name defaults to
-the *virtual host* argument, which here is ``vhost:<name>``: so the URL's host is always passed as
-``sni``. proton (0.40, OpenSSL) matches that name against the certificate's DNS names and common
-name only, never its IP addresses. A failed handshake is reported by proton as a transport error
-whose description starts with ``SSL``; it is turned into a line that names TLS and what to check.
+With TLS the connection is ``amqps`` with a client :class:`proton.SSLDomain`. proton checks the
+broker's certificate against the name it sends as SNI, which defaults to the virtual host
+argument (``vhost:<name>``), so the URL's host is always passed as ``sni``; proton (0.40) matches
+it against the certificate's DNS names and common name only, never its IP addresses. A failed
+handshake comes as a transport error starting with ``SSL``, turned into a line that names TLS and
+what to check.
 """
 
 from __future__ import annotations
@@ -25,9 +23,9 @@ from typing import Any
 
 from proton import SSL, Connection, Endpoint, Handler, SSLDomain, SSLException
 
+from tidings.drivers._rabbitmq.hosts import BrokerHost
 from tidings.drivers._rabbitmq.tls import TLSSettings
 from tidings.drivers.amqp1.loop import EventLoop
-from tidings.drivers.amqp1.topology import BrokerHost
 from tidings.transports.errors import InvalidTransportOption
 
 __all__ = ["ConnectParams", "ConnectionOwner", "describe_condition"]
@@ -37,30 +35,24 @@ LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ConnectParams:
-    """Where and how to connect; ``hosts`` are used round-robin, one per attempt."""
+    """Where and how to connect: ``hosts`` round-robin, one per attempt; ``tls`` None for
+    plain AMQP, else ``amqps`` with these settings."""
 
     hosts: tuple[BrokerHost, ...]
     virtual_host: str
     heartbeat: float = 60.0
-    max_frame_size: int | None = None
     tls: TLSSettings | None = None
-    """None: plain AMQP; otherwise the connection is ``amqps`` with these settings."""
 
-    def address(self, attempt: int) -> str:
-        return str(self.hosts[attempt % len(self.hosts)])
+    def host(self, attempt: int) -> BrokerHost:
+        return self.hosts[attempt % len(self.hosts)]
 
     def ssl_domain(self) -> SSLDomain:
-        """A client SSLDomain for the TLS settings: the broker's certificate is verified always
-        (against ssl_ca_file, or the system's CAs), its name unless ssl_verify_hostname=false.
-
-        Made afresh for each connection, in the loop thread: a domain is a proton object with
-        a reference count that is not thread-safe, and one costs well under a millisecond.
-        Raises InvalidTransportOption when proton cannot load the files (the driver calls it
-        once when it is built, so that happens at start-up).
-        """
+        """A client SSLDomain: the broker's certificate is verified always, its name unless
+        ssl_verify_hostname=false. Made afresh for each connection, in the loop thread (its
+        reference count is not thread-safe); InvalidTransportOption if the files are unusable
+        (the driver makes one when it is built, to fail at start-up)."""
         tls = self.tls
-        if tls is None:
-            raise ValueError("TLS is off")
+        assert tls is not None
         if not SSL.present():
             raise InvalidTransportOption("ssl=true, but this python-qpid-proton was built "
                                          "without TLS support; install a build with OpenSSL "
@@ -104,29 +96,18 @@ class ConnectParams:
     def connect(self, loop: EventLoop, handler: Handler, attempt: int) -> Connection:
         """Open a connection (loop thread only) to the ``attempt``-th host, round-robin."""
         assert loop.container is not None
+        host = self.host(attempt)
+        # No proton reconnect: a lost listener is reopened by the core, after redeclaring.
         kwargs: dict[str, Any] = {
-            "handler": handler,
-            "reconnect": False,  # the driver reconnects itself, after redeclaring topology
-            "virtual_host": f"vhost:{self.virtual_host}",
-        }
-        host = self.hosts[attempt % len(self.hosts)]
-        kwargs.update(user=host.username or "guest",
-                      password=(host.password or "") if host.username else "guest",
-                      allowed_mechs="PLAIN")
-        if self.heartbeat and self.heartbeat > 0:
+            "handler": handler, "reconnect": False, "virtual_host": f"vhost:{self.virtual_host}",
+            "user": host.username, "password": host.password, "allowed_mechs": "PLAIN"}
+        if self.heartbeat > 0:
             kwargs["heartbeat"] = self.heartbeat
-        if self.max_frame_size:
-            kwargs["max_frame_size"] = self.max_frame_size
-        scheme = "amqp"
-        if self.tls is not None:
-            scheme = "amqps"
-            kwargs["ssl_domain"] = self.ssl_domain()
-            # Checked against the certificate and sent as SNI; without it proton would use the
-            # virtual_host argument ("vhost:<name>").
-            kwargs["sni"] = host.host
-        conn = loop.container.connect(f"{scheme}://{self.address(attempt)}", **kwargs)
+        if self.tls is not None:  # sni: else proton would check and send "vhost:<name>"
+            kwargs.update(ssl_domain=self.ssl_domain(), sni=host.host)
+        conn = loop.container.connect(f"amqp{'s' if self.tls else ''}://{host}", **kwargs)
         conn.tidings_host = host  # kept in proton's record: found again from events
-        loop.track(conn)
+        loop.connections.add(conn)
         return conn
 
 
@@ -135,10 +116,9 @@ _OPENSSL_CODE = re.compile(r"^error:[0-9A-Fa-f]+:[^:]*::?")
 
 def _is_ip(host: str) -> bool:
     try:
-        ipaddress.ip_address(host)
+        return bool(ipaddress.ip_address(host))
     except ValueError:
         return False
-    return True
 
 
 def describe_condition(cond: Any, default: str) -> str:
@@ -150,23 +130,17 @@ def describe_condition(cond: Any, default: str) -> str:
 
 
 class ConnectionOwner(Handler):
-    """Turns proton's many ways of saying "this connection is gone" into one ``lost(reason)``.
+    """Turns proton's many ways of saying "this connection is gone" into one ``lost(reason)``,
+    once per connection (``self.conn``, one at a time). A link or session closed by the broker
+    calls ``link_failed``, which gives up the whole connection by default (RabbitMQ 3.x ends
+    the session on a failed attach or a bad disposition anyway)."""
 
-    Subclasses own one connection at a time (``self.conn``). Any remote close of the connection,
-    a transport error, or the socket closing calls ``lost`` once per connection; a link or
-    session closed by the broker calls ``link_failed``, whose default is to give up the whole
-    connection (RabbitMQ 3.x ends the session on a failed attach or a bad disposition anyway).
-    """
-
-    params: ConnectParams | None = None
-    """How the connection was opened; subclasses set it (used to explain transport errors)."""
-
-    def __init__(self, loop: EventLoop) -> None:
+    def __init__(self, loop: EventLoop, params: ConnectParams) -> None:
         self.loop = loop
+        self.params = params
         self.conn: Connection | None = None
         self._lost_reported: Connection | None = None
 
-    # subclasses implement these ------------------------------------------------------------
     def lost(self, conn: Connection, reason: str) -> None:
         raise NotImplementedError
 
@@ -174,7 +148,6 @@ class ConnectionOwner(Handler):
         if self.conn is None or link.connection == self.conn:
             self._give_up(link.connection, reason)
 
-    # plumbing -------------------------------------------------------------------------------
     def _give_up(self, conn: Connection, reason: str) -> None:
         if self._lost_reported is not None and self._lost_reported == conn:
             return
@@ -190,15 +163,13 @@ class ConnectionOwner(Handler):
         cond = event.transport.condition if event.transport else None
         conn = event.connection
         if conn is not None:
-            reason = (self.params.describe_failure(conn, cond) if self.params is not None
-                      else describe_condition(cond, "transport error"))
-            self._give_up(conn, reason)
+            self._give_up(conn, self.params.describe_failure(conn, cond))
 
     def on_transport_closed(self, event: Any) -> None:
         conn = event.connection
         if conn is None:
             return
-        self.loop.untrack(conn)
+        self.loop.connections.discard(conn)
         self._give_up(conn, "the connection closed")
 
     def on_connection_remote_close(self, event: Any) -> None:

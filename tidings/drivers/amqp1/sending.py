@@ -1,15 +1,13 @@
 """Confirmed sends: one sender connection, one link per address, each link in its own session.
 
-``send()`` queues a :class:`PendingSend` for the loop thread and waits on it. The loop thread
-encodes the message (proton's encoder calls into C many times, and each call is a chance for the
-many sending threads to take the GIL from the loop, so it is cheaper there), streams it on the
-address's link and completes it when the broker's disposition arrives: ``accepted`` means
-RabbitMQ has confirmed it; anything else, or a link, session or connection that went away first,
-fails it. Many threads sending at once keep many messages in flight on the one connection, so
-throughput grows with concurrency instead of being one round trip per message.
-
-Each link gets its own session because on RabbitMQ 3.x a failed attach (an exchange deleted under
-us) ends the whole session: with one session per link, only that address's messages fail.
+``send_batch()`` queues a :class:`PendingSend` per message for the loop thread and waits on
+them. The loop thread encodes each message (proton's encoder calls into C many times, each a
+chance for the sending threads to take the GIL from the loop), streams it on the address's link
+and completes it when the broker's disposition arrives: ``accepted`` means RabbitMQ confirmed
+it; anything else, or a link, session or connection that went away first, fails it. A batch, and
+threads sending at once, keep many messages in flight on the one connection. One session per
+link, because on RabbitMQ 3.x a failed attach (an exchange deleted under us) ends the session:
+then only that address's messages fail.
 """
 
 from __future__ import annotations
@@ -19,7 +17,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from proton import Connection, Delivery, Endpoint, Message
@@ -36,23 +35,17 @@ _OUTCOMES = {Delivery.REJECTED: "rejected", Delivery.RELEASED: "released",
              Delivery.MODIFIED: "modified"}
 
 
-def encode(message: OutgoingMessage, msg: Message | None = None) -> bytes:
-    """The AMQP 1.0 encoding of one message: the body as a single data section.
-
-    A data section (not an amqp-value) is what RabbitMQ hands to AMQP 0-9-1 consumers as the
-    plain body, so oslo.messaging and ``rabbit://`` listeners on the same exchange read it as
-    JSON. Headers become application properties. ``msg`` is a Message to reuse (every field this
-    function sets is set each time), which saves building one per send.
-    """
-    if msg is None:
-        msg = Message()
+def encode(message: OutgoingMessage, msg: Message) -> bytes:
+    """The AMQP 1.0 encoding of one message (``msg`` reused, every field set each time): the
+    body as one data section, which RabbitMQ hands to AMQP 0-9-1 consumers (oslo.messaging,
+    ``rabbit://``) as the plain JSON body, and the headers as application properties."""
     msg.inferred = True
     msg.body = message.body
     msg.id = message.message_id
     msg.content_type = message.content_type
     msg.content_encoding = message.content_encoding
     msg.durable = message.persistent
-    msg.properties = dict(message.headers) if message.headers else None
+    msg.properties = dict(message.headers) if message.headers else None  # type: ignore[assignment]
     return msg.encode()
 
 
@@ -72,29 +65,28 @@ class PendingSend:
         self._done.acquire()
 
     def finish(self, error: str | None = None) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self.error = error
-        self._done.release()
+        if not self.finished:
+            self.finished = True
+            self.error = error
+            self._done.release()
 
-    def wait(self, timeout: float | None) -> bool:
-        if timeout is None:
-            return self._done.acquire()
+    @staticmethod
+    def fail_all(pendings: Iterable[PendingSend], reason: str) -> None:
+        for pending in pendings:
+            pending.finish(reason)
+
+    def wait(self, timeout: float) -> bool:
         return self._done.acquire(timeout=max(0.0, timeout))
 
 
+@dataclass(slots=True, eq=False)
 class _SendLink:
-    """Per-address state: the link and what was streamed on it and not yet settled."""
+    """Per-address state: the link and what was streamed on it and not yet settled (by tag)."""
 
-    __slots__ = ("address", "exchange", "inflight", "sender", "tags")
-
-    def __init__(self, address: str, exchange: str, sender: Any) -> None:
-        self.address = address
-        self.exchange = exchange
-        self.sender = sender
-        self.inflight: dict[str, PendingSend] = {}  # by delivery tag
-        self.tags = itertools.count(1)
+    address: str
+    exchange: str
+    sender: Any
+    inflight: dict[str, PendingSend] = field(default_factory=dict)
 
 
 class SendSide(ConnectionOwner):
@@ -102,45 +94,46 @@ class SendSide(ConnectionOwner):
 
     def __init__(self, loop: EventLoop, params: ConnectParams, connect_timeout: float,
                  on_lost: Callable[[str | None], None]) -> None:
-        super().__init__(loop)
-        self.params = params
+        super().__init__(loop, params)
         self.connect_timeout = connect_timeout
         self._on_lost = on_lost  # told the exchange (or None: all) whose topology may be gone
         self.links: dict[str, _SendLink] = {}
         self._attempt = 0
         self._opened_at = 0.0
         self._closing = False
-        loop.add_stop_callback(id(self), self._stopped)
+        loop.stop_callbacks[id(self)] = self._stopped
         self._finished: list[tuple[PendingSend, str | None]] = []
         self._open_conn: Connection | None = None  # self.conn once the broker opened it
         self._message: Message | None = None  # reused by encode(), made in the loop thread
+        self._tags = itertools.count(1)
 
-    # -- work handed over by send() ----------------------------------------------------------
-    def submit(self, pending: PendingSend) -> None:
-        if pending.cancelled:
-            return
-        if self._closing:
-            pending.finish("the transport is being cleaned up")
-            return
+    def submit(self, pendings: Sequence[PendingSend]) -> None:
+        """Encode and stream messages (loop thread)."""
         if self._message is None:
             self._message = Message()
-        try:
-            data = encode(pending.message, self._message)
-        except Exception as exc:  # e.g. a header value proton cannot encode
-            pending.finish(f"cannot encode the message as AMQP 1.0: {exc}")
-            return
-        conn = self.conn if self.conn is not None and self.conn is self._open_conn \
-            else self._connection()
-        link = self.links.get(pending.address)
-        if link is None:
-            link = self._open_link(conn, pending.address, pending.message.exchange)
-        sender = link.sender
-        tag = pending.tag = str(next(link.tags))
-        dlv = sender.delivery(tag)
-        dlv.tidings_pending = pending  # kept in proton's record: found again from the event
-        sender.stream(data)
-        sender.advance()
-        link.inflight[tag] = pending
+        for pending in pendings:
+            if pending.cancelled:
+                continue
+            if self._closing:
+                pending.finish("the transport is being cleaned up")
+                continue
+            try:
+                data = encode(pending.message, self._message)
+            except Exception as exc:  # e.g. a header value proton cannot encode
+                pending.finish(f"cannot encode the message as AMQP 1.0: {exc}")
+                continue
+            conn = self.conn if self.conn is not None and self.conn is self._open_conn \
+                else self._connection()
+            link = self.links.get(pending.address)
+            if link is None:
+                link = self._open_link(conn, pending.address, pending.message.exchange)
+            sender = link.sender
+            tag = pending.tag = str(next(self._tags))
+            dlv = sender.delivery(tag)
+            dlv.tidings_pending = pending  # kept in proton's record: found again from events
+            sender.stream(data)
+            sender.advance()
+            link.inflight[tag] = pending
 
     def on_connection_remote_open(self, event: Any) -> None:
         if self.conn is not None and event.connection == self.conn:
@@ -172,12 +165,9 @@ class SendSide(ConnectionOwner):
         self.links[address] = link
         return link
 
-    # -- proton events ---------------------------------------------------------------------
     def on_delivery(self, event: Any) -> None:
         dlv = event.delivery
-        if not dlv.updated:
-            return
-        state = dlv.remote_state
+        state = dlv.remote_state if dlv.updated else None
         if not state:
             return
         pending: PendingSend | None = getattr(dlv, "tidings_pending", None)
@@ -185,16 +175,14 @@ class SendSide(ConnectionOwner):
         dlv.settle()
         if pending is None or link is None or link.inflight.pop(pending.tag, None) is None:
             return  # already failed with its link or connection
-        if state == Delivery.ACCEPTED:
-            error = None
-        else:
-            outcome = _OUTCOMES.get(state, f"state {state}")
+        error = None
+        if state != Delivery.ACCEPTED:
             cond = describe_condition(getattr(dlv.remote, "condition", None), "")
-            error = (f"the broker answered {outcome} for a message to {link.address}"
-                     + (f" ({cond})" if cond else ""))
+            error = (f"the broker answered {_OUTCOMES.get(state, f'state {state}')} for a "
+                     f"message to {link.address}" + (f" ({cond})" if cond else ""))
         # Woken together once this I/O cycle is over, not one by one mid-cycle (loop.py).
         if not self._finished:
-            self.loop.after_cycle(id(self), self._release_finished)
+            self.loop.after_cycle[id(self)] = self._release_finished
         self._finished.append((pending, error))
 
     def _release_finished(self) -> None:
@@ -235,8 +223,7 @@ class SendSide(ConnectionOwner):
 
     def _fail_link(self, link: _SendLink, reason: str) -> None:
         inflight, link.inflight = link.inflight, {}
-        for pending in inflight.values():
-            pending.finish(reason)
+        PendingSend.fail_all(inflight.values(), reason)
 
     def close(self) -> None:
         """Close the connection; in-flight sends fail (loop thread)."""
