@@ -222,7 +222,7 @@ class Bench:
 
         t = self._transport()
         try:
-            target = tidings.Target(f"{self._topic()}.info")
+            target = tidings.Target(topic=f"{self._topic()}.info")
             body = self.body
             t.send_raw(target, body, message_id="warm-up")  # connect and declare
             per = n // self.threads
@@ -282,7 +282,7 @@ class Bench:
         t = self._transport()
         try:
             counter = Counter(n)
-            listener = tidings.get_notification_listener(t, [tidings.Target(topic)], [counter])
+            listener = tidings.get_notification_listener(t, [tidings.Target(topic=topic)], [counter])
             began = time.perf_counter()
             listener.start()
             if not counter.done.wait(TIMEOUT):
@@ -296,24 +296,26 @@ class Bench:
 
 
     def tidings_driver_drain(self, n: int) -> float:
-        from tidings.transports.base import Binding
+        from tidings.transports.base import ACK, Binding
 
         topic = self._topic()
         self._prefill(f"{topic}.info", f"{topic}.info", n)
         t = self._transport()
         try:
             began = time.perf_counter()
-            listener = t.listen([Binding(self.exchange, f"{topic}.info")])
+            prefetch = t.options["prefetch"]
+            receiver = t.listen([Binding(self.exchange, f"{topic}.info")], None, prefetch)
             count = 0
             deadline = began + TIMEOUT
-            while count < n:
+            while count < n:  # the driver alone, settled as the core does: a batch per call
                 if time.perf_counter() > deadline:
                     raise RuntimeError(f"tidings driver drain: {count}/{n} arrived")
-                for msg in listener.poll(0.2):
-                    msg.ack()
-                    count += 1
+                got = receiver.receive(prefetch, 0.2)
+                if got:
+                    receiver.settle([(msg, ACK) for msg in got])
+                    count += len(got)
             elapsed = time.perf_counter() - began
-            listener.close()
+            receiver.close()
             return n / elapsed
         finally:
             t.cleanup()
