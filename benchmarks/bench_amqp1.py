@@ -282,7 +282,8 @@ class Bench:
         t = self._transport()
         try:
             counter = Counter(n)
-            listener = tidings.get_notification_listener(t, [tidings.Target(topic=topic)], [counter])
+            listener = tidings.get_notification_listener(t, [tidings.Target(topic=topic)],
+                                                         [counter])
             began = time.perf_counter()
             listener.start()
             if not counter.done.wait(TIMEOUT):
