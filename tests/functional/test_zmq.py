@@ -4,8 +4,9 @@ close, refusal of copies meant for a previous listener of a port, frames from a 
 tidings sender, and the URL options. Driver-level tests drive a receiver by hand as the core
 does (RawListener).
 
-Each test uses its own in-memory registry (``zmq:///<uuid>``); processes, the sqlite and Redis
-registries, SIGKILL and TTL expiry are in test_zmq_processes.py.
+Each test uses its own in-memory registry (``zmq+memory:///<uuid>``); processes, the sqlite and
+Redis registries, SIGKILL and TTL expiry are in test_zmq_processes.py, plain ``zmq://`` (the
+per-user registry) in test_zmq_default.py and CURVE in test_zmq_curve.py.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from tidings import (
     Target,
     Transport,
 )
-from tidings.drivers.zmq import ZmqDriver, protocol
+from tidings.drivers.zmq import NoListener, ZmqDriver, protocol
 from tidings.drivers.zmq.listener import ZmqReceiver
 from tidings.matchmaker.base import Registration
 from tidings.testing.conformance_harness import RawListener
 from tidings.transports.base import Binding, IncomingMessage, OutgoingMessage
-from tidings.transports.errors import TransportUnreachable
+from tidings.transports.errors import MessageUndeliverable, TransportUnreachable
 
 WAIT = 15.0  # the bound on every wait; a healthy run needs a fraction of a second
 
@@ -78,7 +79,7 @@ class Endpoint:
 
 def url(**options: Any) -> str:
     query = "&".join(f"{k}={v}" for k, v in options.items())
-    return f"zmq:///t-{uuid.uuid4().hex[:12]}" + (f"?{query}" if query else "")
+    return f"zmq+memory:///t-{uuid.uuid4().hex[:12]}" + (f"?{query}" if query else "")
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
@@ -133,7 +134,7 @@ def stop_all(*listeners: tidings.NotificationListener) -> None:
 
 def notify(t: Transport, ids: range, exchange: str | None = None,
            topic: str = "notifications") -> None:
-    n = tidings.Notifier(t, publisher_id="test", topics=[topic], exchange=exchange,
+    n = tidings.Notifier(t, publisher_id="test", topics=[topic], exchange=exchange, retry=3,
                          raise_on_failure=True)
     for i in ids:
         n.info({}, "test.event", {"i": i})
@@ -289,7 +290,7 @@ def test_a_member_still_handshaking_keeps_its_turn() -> None:
         # first fronts the first listener, so the first copy's turn is the listener let through.
         relays.sort(key=lambda r: f"tcp://127.0.0.1:{r.port}/")
         for lst, relay in zip((first, second), relays, strict=True):
-            endpoint, lid, credit = protocol.parse_member(receiver_of(lst).address)
+            endpoint, lid, credit, _ = protocol.parse_member(receiver_of(lst).address)
             relay.target_port = int(endpoint.rsplit(":", 1)[1])
             registrations.append(Registration(
                 "ex", "rk", "pool",
@@ -367,9 +368,35 @@ def test_exchanges_are_isolated(transport: Transport) -> None:
         stop_all(on_a, on_b)
 
 
-def test_a_message_sent_without_listener_is_not_delivered(transport: Transport) -> None:
+def failure_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__  # type: ignore[assignment]
+    return chain
+
+
+def test_a_send_without_listener_fails_saying_so(transport: Transport) -> None:
+    """Nobody registered for (exchange, routing key): send_batch() returns NoListener (an
+    oslo MessageUndeliverable and a MessageDeliveryFailure) instead of reporting success, and
+    the core retries it under the caller's policy; nothing is kept, so a listener started
+    later gets only what is sent after it."""
+    drv = driver_of(transport)
+    [failed] = drv.send_batch([OutgoingMessage("ex", "nobody", b"{}", "m1")], 5)
+    assert isinstance(failed, NoListener) and isinstance(failed, MessageUndeliverable)
+    assert isinstance(failed, MessageDeliveryFailure) and drv.retryable(failed)
+    assert (failed.exchange, failed.routing_key, failed.message) == ("ex", "nobody", "m1")
+    text = str(failed)
+    assert "no listener is registered for ex/nobody" in text and "stores nothing" in text
+    assert "memory matchmaker" in text and "m1" in text
+    with pytest.raises(MessageDeliveryFailure) as caught:
+        transport.send_raw(Target(topic="nobody", exchange="ex"), b"{}", message_id="m2",
+                           retry=1)
+    assert any(isinstance(e, NoListener) for e in failure_chain(caught.value))
+    assert "failed after 2 attempt(s)" in str(caught.value)
     rec = Recorder()
-    notify(transport, range(0, 5))  # nobody is registered: not delivered, not stored
+    with pytest.raises(MessageDeliveryFailure, match="no listener is registered"):
+        notify(transport, range(0, 1))
     lst = start_listener(transport, rec, "late")
     try:
         notify(transport, range(5, 10))  # seen at once: the listener registered in start()
@@ -379,16 +406,86 @@ def test_a_message_sent_without_listener_is_not_delivered(transport: Transport) 
         stop_all(lst)
 
 
+def test_wait_for_listener_false_fails_at_once() -> None:
+    t = tidings.get_notification_transport(url(wait_for_listener="false"))
+    try:
+        assert not driver_of(t).retryable(NoListener("ex", "rk", "m", "registry"))
+        assert driver_of(t).retryable(TransportUnreachable("down"))
+        began = time.monotonic()
+        with pytest.raises(NoListener, match="no listener is registered for ex/rk"):
+            t.send_raw(Target(topic="rk", exchange="ex"), b"{}", message_id="m1", retry=None)
+        assert time.monotonic() - began < 1.0  # not retried, even with retry=None
+    finally:
+        t.cleanup()
+
+
+class Records(logging.Handler):
+    """A logger's records; ``seen`` is set by the first WARNING that contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.seen = threading.Event()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        if record.levelno == logging.WARNING and self.text in self.messages[-1]:
+            self.seen.set()
+
+
+def test_a_send_with_retry_none_waits_for_a_listener_logging_each_retry() -> None:
+    """retry=None retries for ever: the send waits for a listener, and is not silent: the
+    retry policy logs every failed attempt at WARNING, saying that no listener is there."""
+    where = url(retry_interval=0.05, retry_max_interval=0.1)
+    sending = tidings.get_notification_transport(where)
+    receiving = tidings.get_notification_transport(where)
+    records = Records("no listener is registered for openstack/late.info")
+    retry_log = logging.getLogger("tidings.transports.retry")
+    retry_log.addHandler(records)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            tidings.Notifier(sending, "test", topics=["late"], retry=None,
+                             raise_on_failure=True).info({}, "test.event", {"i": 7})
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    rec = Recorder()
+    lst = None
+    thread = threading.Thread(target=send, daemon=True)
+    try:
+        thread.start()
+        assert records.seen.wait(WAIT), f"no retry was logged: {records.messages}"
+        assert not done.is_set()  # still waiting for a listener
+        lst = start_listener(receiving, rec, "late", topic="late")
+        assert done.wait(WAIT) and not errors, errors
+        rec.wait(lambda: rec.ids("late") == [7], "the message that waited")
+    finally:
+        retry_log.removeHandler(records)
+        if lst is not None:
+            stop_all(lst)
+        sending.cleanup()
+        receiving.cleanup()
+        thread.join(WAIT)
+
+
 def test_other_transports_of_the_process_see_a_new_listener_at_once() -> None:
     """Registrations made in this process invalidate every sender's cached lookups at once,
     even with a long lookup_interval (which only governs other processes' changes)."""
-    where = f"zmq:///t-{uuid.uuid4().hex[:12]}"
+    where = url()
     sending = tidings.get_notification_transport(f"{where}?lookup_interval=600")
     receiving = tidings.get_notification_transport(f"{where}?ttl=5")
     rec = Recorder()
     lst = None
+    target = Target(topic="notifications.info", exchange="openstack")
     try:
-        notify(sending, range(0, 3))  # cached: nobody listens
+        with pytest.raises(MessageDeliveryFailure, match="no listener"):  # cached: nobody
+            sending.send_raw(target, b"{}", message_id="m0", retry=0)
         lst = start_listener(receiving, rec, "r")
         notify(sending, range(3, 6))
         rec.wait(lambda: len(rec.handled["r"]) >= 3, "the messages sent after start")
@@ -712,7 +809,7 @@ def test_listener_binds_in_the_port_range() -> None:
 ])
 def test_bad_options_fail_when_the_transport_is_built(bad: str, match: str) -> None:
     with pytest.raises(InvalidTransportOption, match=match):
-        tidings.get_notification_transport(f"zmq:///x?{bad}")
+        tidings.get_notification_transport(f"zmq+memory:///x?{bad}")
 
 
 def test_matchmaker_from_scheme_or_query(tmp_path: Any) -> None:

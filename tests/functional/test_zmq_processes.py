@@ -1,5 +1,7 @@
 """The zmq driver across processes: listeners in child processes registered through the sqlite
-and the Redis matchmaker, a notifier in the test process.
+and the Redis matchmaker, the default registry of plain ``zmq://`` (this user's sqlite file in
+$XDG_RUNTIME_DIR/tidings, pointed at a temporary directory), and sqlite with CURVE (one URL for
+every process, sender or listener), a notifier in the test process.
 
 Covered: pools and the no-pool group split (every group once, members share), an even split
 of what is sent right after the members registered (connect_grace), exchange isolation, a
@@ -150,11 +152,29 @@ def wait_until(condition: Callable[[], bool], what: str, children: list[Child],
         time.sleep(0.02)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A URL for a fresh registry: an sqlite file in tmp_path, or a fresh Redis namespace."""
+@pytest.fixture(params=["sqlite", "redis", "default", "curve"])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A URL for a fresh registry: an sqlite file in tmp_path, a fresh Redis namespace, plain
+    zmq:// with XDG_RUNTIME_DIR (which the children inherit) in tmp_path, or an sqlite file
+    with CURVE keys made in tmp_path."""
     if request.param == "sqlite":
         yield f"zmq+sqlite:///{tmp_path}/registry.db?ttl=2"
+        return
+    if request.param == "default":
+        (tmp_path / "run").mkdir()
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+        yield "zmq://?ttl=2"
+        return
+    if request.param == "curve":
+        zmq_auth = pytest.importorskip("zmq.auth")
+        keys, public = tmp_path / "keys", tmp_path / "public"
+        keys.mkdir()
+        public.mkdir()
+        zmq_auth.create_certificates(str(keys), "deploy")
+        (public / "deploy.key").write_bytes((keys / "deploy.key").read_bytes())
+        yield (f"zmq+sqlite:///{tmp_path}/registry.db?ttl=2&curve_secret_key="
+               f"{keys}/deploy.key_secret&curve_public_keys_dir={public}")
         return
     require_service("redis")
     ns = f"test-{uuid.uuid4().hex[:12]}"

@@ -8,12 +8,14 @@ from another process.
 
 from __future__ import annotations
 
+import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from tidings.matchmaker.base import (
     load_matchmaker_class,
 )
 from tidings.matchmaker.client import Directory, Registrar
+from tidings.matchmaker.sqlite import runtime_dir
 from tidings.testing.brokers import require_service
 from tidings.transports.errors import DriverLoadFailure, TransportUnreachable
 from tidings.transports.url import TransportURL
@@ -125,19 +128,58 @@ def test_registrar_keeps_entries_alive_until_removed(mm: MatchMaker) -> None:
     what is left, on stop()."""
     first = [Registration("ex", "rk", "pool", addr(1))]
     second = [Registration("ex", "rk", "pool", addr(2))]
-    registrar = Registrar(mm, ttl=0.6)
+    ttl = 1.5  # refreshed every 0.5 s: a loaded machine may stall the refresher for 1 s
+    registrar = Registrar(mm, ttl=ttl)
     try:
         registrar.add(first)
         registrar.add(second)
-        assert len(mm.lookup("ex", "rk")["pool"]) == 2
-        time.sleep(1.2)  # twice the TTL: only the refreshes keep them
-        assert len(mm.lookup("ex", "rk")["pool"]) == 2
+        until = time.monotonic() + 2 * ttl  # twice the TTL: only the refreshes keep them
+        while time.monotonic() < until:  # and at no moment is one of them missing
+            assert len(mm.lookup("ex", "rk")["pool"]) == 2
+            time.sleep(0.05)
         registrar.remove(first)
         assert [m.address for m in mm.lookup("ex", "rk")["pool"]] == [addr(2)]
     finally:
         registrar.stop()
     assert mm.lookup("ex", "rk") == {}
     registrar.remove(second)  # after stop(): nothing to do, the registry is not touched
+
+
+def test_a_refresh_never_brings_back_a_removed_registration(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """remove() while a refresh that read the entry is talking to the registry: the removal
+    waits for it, so the refresh cannot re-register what was just unregistered (a closed
+    listener would stay registered for a whole TTL)."""
+    ns = f"t-{uuid.uuid4().hex[:12]}"
+    mm = get_matchmaker("memory", f"zmq+memory:///{ns}", ns)
+    first = [Registration("ex", "rk", "pool", addr(1))]
+    in_refresh, release = threading.Event(), threading.Event()
+    register = mm.register
+    calls: list[int] = []
+
+    def slow_first_refresh(registrations: Sequence[Registration], ttl: float) -> int:
+        calls.append(len(registrations))
+        if len(calls) == 2:  # the first refresh, after add()'s own registration
+            in_refresh.set()
+            assert release.wait(30)
+        return register(registrations, ttl)
+
+    monkeypatch.setattr(mm, "register", slow_first_refresh)
+    registrar = Registrar(mm, ttl=0.3)
+    try:
+        registrar.add(first)
+        assert in_refresh.wait(30), "no refresh started"
+        removing = threading.Thread(target=registrar.remove, args=(first,))
+        removing.start()
+        removing.join(0.2)
+        assert removing.is_alive(), "remove() did not wait for the refresh under way"
+        release.set()
+        removing.join(30)
+        assert not removing.is_alive()
+        assert mm.lookup("ex", "rk") == {}
+    finally:
+        release.set()
+        registrar.stop()
 
 
 def test_directory_caches_until_the_registry_changes(mm: MatchMaker) -> None:
@@ -197,11 +239,47 @@ def test_sqlite_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.chdir(tmp_path)
     relative = get_matchmaker("sqlite", "zmq+sqlite:///rel.db")
     assert relative.path == str(tmp_path / "rel.db")  # type: ignore[attr-defined]
-    with pytest.raises(ValueError, match="needs a database file"):
-        get_matchmaker("sqlite", "zmq+sqlite://")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    default = get_matchmaker("sqlite", "zmq+sqlite://")  # no path: the user's default file
+    assert default.path == str(tmp_path / "run" / "tidings" / "registry.db")  # type: ignore
     missing = get_matchmaker("sqlite", f"zmq+sqlite:///{tmp_path}/no/such/dir/x.db")
     with pytest.raises(ValueError, match="does not exist"):
         missing.generation()
+
+
+def test_the_default_registry_directory_is_private(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """$XDG_RUNTIME_DIR/tidings, else $XDG_CACHE_HOME/tidings, else ~/.cache/tidings: made
+    0700, narrowed to 0700 if others could read it, refused if it is not a directory of
+    ours (a symlink planted by another user, a file)."""
+    run, cache, home = tmp_path / "run", tmp_path / "cache", tmp_path / "home"
+    run.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    assert runtime_dir() == str(run / "tidings")
+    assert stat.S_IMODE((run / "tidings").stat().st_mode) == 0o700
+    (run / "tidings").chmod(0o755)
+    assert runtime_dir() == str(run / "tidings")
+    assert stat.S_IMODE((run / "tidings").stat().st_mode) == 0o700
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "not-there"))  # unusable: the next
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    assert runtime_dir() == str(cache / "tidings")
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(home))
+    assert runtime_dir() == str(home / ".cache" / "tidings")
+    assert stat.S_IMODE((home / ".cache" / "tidings").stat().st_mode) == 0o700
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    (run / "tidings").rmdir()
+    (run / "tidings").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="not a directory owned by this user"):
+        runtime_dir()
+    (run / "tidings").unlink()
+    (run / "tidings").write_text("")
+    with pytest.raises(ValueError, match=r"default zmq registry directory|not a directory"):
+        runtime_dir()
 
 
 def test_sqlite_is_shared_between_processes(tmp_path: Path) -> None:

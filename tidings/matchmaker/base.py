@@ -27,19 +27,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from tidings.transports.errors import (
+    InvalidTransportOption,
+    InvalidTransportURL,
+    MessageDeliveryFailure,
+    MessageUndeliverable,
+)
 from tidings.transports.loader import entry_point_names, load_plugin
-from tidings.transports.url import TransportURL
+from tidings.transports.url import TransportURL, mask_password
 
 __all__ = [
     "MATCHMAKER_NAMESPACE",
     "NO_POOL",
     "MatchMaker",
     "Member",
+    "NoListener",
     "Registration",
     "available_matchmakers",
     "check_ttl",
     "get_matchmaker",
     "load_matchmaker_class",
+    "matchmaker_for",
 ]
 
 MATCHMAKER_NAMESPACE = "tidings.matchmakers"
@@ -76,6 +84,21 @@ class Member:
 
     address: str
     expires_in: float
+
+
+class NoListener(MessageDeliveryFailure, MessageUndeliverable):
+    """A message was not sent: no listener is registered for its (exchange, routing key) and
+    a brokerless transport keeps nothing. Both a MessageDeliveryFailure and oslo.messaging's
+    MessageUndeliverable (``exchange``, ``routing_key``, ``message``: the message id)."""
+
+    def __init__(self, exchange: str, routing_key: str, message_id: str, registry: str) -> None:
+        MessageDeliveryFailure.__init__(
+            self, f"zmq: no listener is registered for {exchange}/{routing_key} in the "
+                  f"{registry}, and zmq:// stores nothing: message {message_id} was not sent. "
+                  f"Start a listener first; one using another registry (URL, namespace, or "
+                  f"user for plain zmq://) is not seen")
+        self.exception, self.exchange, self.routing_key = None, exchange, routing_key
+        self.message = message_id
 
 
 def check_ttl(ttl: float) -> float:
@@ -158,3 +181,29 @@ def get_matchmaker(name: str, url: TransportURL | str,
                    namespace: str = "tidings") -> MatchMaker:
     """Load backend ``name`` and build it for ``url`` (its hosts / virtual host say where)."""
     return load_matchmaker_class(name)(TransportURL.parse(url), namespace)
+
+
+def matchmaker_for(url: TransportURL, option: str | None, namespace: str) -> MatchMaker:
+    """The registry a transport URL names: ``zmq+<name>://`` or ``?matchmaker=<name>`` (both
+    given, they must agree), else this user's default one, the sqlite file in
+    :func:`tidings.matchmaker.sqlite.runtime_dir`, where a virtual host (``zmq:///name``) names
+    a registry of its own (it joins the namespace). Bad URLs raise InvalidTransportURL."""
+    name = url.subscheme
+    if name and option and name != option:
+        raise InvalidTransportOption(
+            f"{url.masked()}: the scheme says matchmaker {name!r} but the query says "
+            f"matchmaker={option!r}; give one of them")
+    name = name or option
+    if name is None:
+        if url.hosts:
+            raise InvalidTransportURL(
+                f"{url.masked()}: {url.transport}:// takes no host (its registry is a file of "
+                f"this user on this host); for several hosts use zmq+redis://host:6379/0")
+        name, namespace = "sqlite", f"{namespace}/{url.virtual_host or ''}".rstrip("/")
+        url = TransportURL(url.transport, query_items=url.query_items)
+    try:
+        return get_matchmaker(name, url, namespace)
+    except InvalidTransportURL:
+        raise
+    except ValueError as exc:
+        raise InvalidTransportURL(mask_password(str(exc))) from None

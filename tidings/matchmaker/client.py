@@ -42,6 +42,10 @@ class Registrar:
         self._matchmaker = matchmaker
         self._ttl = ttl
         self._lock = threading.Lock()
+        # Held by a refresh from its snapshot of the entries to the registry's answer, and by
+        # remove() and stop(): a refresh that read an entry never re-registers it after it was
+        # unregistered (which would keep a closed listener registered for a TTL).
+        self._refreshing = threading.Lock()
         self._entries: list[Sequence[Registration]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -59,19 +63,20 @@ class Registrar:
 
     def remove(self, registrations: Sequence[Registration]) -> None:
         """Unregister what :meth:`add` registered (nothing once stopped)."""
-        with self._lock:
-            if registrations not in self._entries:
-                return
-            self._entries.remove(registrations)
-        try:
-            self._matchmaker.unregister(registrations)
-        finally:
-            _note_local_change(self._matchmaker)
+        with self._refreshing:
+            with self._lock:
+                if registrations not in self._entries:
+                    return
+                self._entries.remove(registrations)
+            try:
+                self._matchmaker.unregister(registrations)
+            finally:
+                _note_local_change(self._matchmaker)
 
     def stop(self) -> None:
         """Stop refreshing and unregister what is left."""
         self._stop.set()
-        with self._lock:
+        with self._refreshing, self._lock:
             left, self._entries = self._entries, []
         for registrations in left:
             try:
@@ -87,12 +92,11 @@ class Registrar:
         interval = self._ttl / 3
         failures = 0
         while not self._stop.wait(interval if not failures else min(interval, 0.5)):
-            with self._lock:
-                entries = [r for registrations in self._entries for r in registrations]
-            if not entries:
-                continue
             try:
-                added = self._matchmaker.register(entries, self._ttl)
+                with self._refreshing:
+                    with self._lock:
+                        entries = [r for registrations in self._entries for r in registrations]
+                    added = self._matchmaker.register(entries, self._ttl) if entries else 0
             except Exception as exc:
                 failures += 1
                 if failures == 1 or failures % 20 == 0:
@@ -133,6 +137,11 @@ class Directory:
         self._state: tuple[int, int] | None = None  # (generation, local changes) of the cache
         self._next_check = 0.0
         self._stamps = itertools.count(1)
+
+    @property
+    def registry(self) -> str:
+        """The registry's description, for messages (never a password)."""
+        return self._key
 
     def route(self, exchange: str, routing_key: str) -> Route:
         """The current groups of (exchange, routing key); raises TransportUnreachable."""

@@ -1,9 +1,10 @@
-"""In-process matchmaker: the registry behind ``zmq://``.
+"""In-process matchmaker: the registry behind ``zmq+memory://`` (or ``?matchmaker=memory``).
 
 Every matchmaker in one process with the same virtual host and namespace shares one registry, so
-a notifier and a listener built from separate ``zmq://`` transports find each other, as with
-``memory://``. Use a virtual host (``zmq:///test-1``) or a namespace to keep tests apart. It
-cannot reach other processes: use the sqlite or Redis backend for that.
+a notifier and a listener built from separate ``zmq+memory://`` transports find each other, as
+with ``memory://``. Use a virtual host (``zmq+memory:///test-1``) or a namespace to keep tests
+apart. It cannot reach other processes: plain ``zmq://`` (a per-user sqlite file) or the Redis
+backend can.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class MemoryMatchMaker(MatchMaker):
         if url.hosts:
             raise ValueError(
                 f"{url.masked()}: the in-memory matchmaker has no server, so the URL takes no "
-                f"host; use zmq:// (or zmq:///name to isolate a registry), or "
+                f"host; use zmq+memory:// (or zmq+memory:///name to isolate a registry), or "
                 f"zmq+redis://host:6379/0 to share a Redis registry between hosts")
         self._vhost = url.virtual_host or ""
         self._reg = _registry(self._vhost, namespace)

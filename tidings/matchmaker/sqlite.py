@@ -1,10 +1,13 @@
-"""sqlite matchmaker: the registry behind ``zmq+sqlite:///path/file.db``, for several processes
-on one host with nothing installed (no server; Python's own sqlite3).
+"""sqlite matchmaker: the registry behind ``zmq://`` and ``zmq+sqlite:///path/file.db``, for
+several processes on one host with nothing installed (no server; Python's own sqlite3).
 
 The URL path is the database file. ``zmq+sqlite:///tidings.db`` is relative to the working
 directory; an absolute path takes a fourth slash, as in SQLAlchemy:
 ``zmq+sqlite:////tmp/tidings.db`` (``zmq+sqlite:///%2Ftmp/tidings.db`` means the same). The file
-and its tables are created on first use; the directory must exist.
+and its tables are created on first use; the directory must exist. Without a path
+(``zmq+sqlite://``, and plain ``zmq://``) it is the user's default registry,
+``registry.db`` in :func:`runtime_dir`, so that every process of one user on one host finds the
+others with no configuration.
 
 The database runs in WAL mode with a busy timeout, so readers (notifiers looking up listeners)
 never block the writers (listeners refreshing their entries) and concurrent writers queue up
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +29,9 @@ from tidings.matchmaker.base import MatchMaker, Member, Registration, check_ttl
 from tidings.transports.errors import TransportUnreachable
 from tidings.transports.url import TransportURL
 
-__all__ = ["SqliteMatchMaker"]
+__all__ = ["DEFAULT_FILE", "SqliteMatchMaker", "runtime_dir"]
+
+DEFAULT_FILE = "registry.db"
 
 T = TypeVar("T")
 
@@ -55,6 +61,34 @@ def _enable_wal(conn: sqlite3.Connection, timeout: float = 10.0) -> None:
             pause.wait(0.05)
 
 
+def runtime_dir() -> str:
+    """The per-user directory of the default registry, created with mode 0700:
+    ``$XDG_RUNTIME_DIR/tidings`` (a tmpfs only this user can read, emptied at logout), or else
+    ``$XDG_CACHE_HOME/tidings`` (``~/.cache/tidings``). ValueError if it cannot be made, or if
+    it is not a directory this user owns (another user's registry would let them direct our
+    notifications); a directory of ours that others may read is narrowed to 0700."""
+    base = os.environ.get("XDG_RUNTIME_DIR", "")
+    if not (os.path.isabs(base) and os.path.isdir(base)):
+        base = os.environ.get("XDG_CACHE_HOME", "")
+        if not os.path.isabs(base):
+            base = os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "tidings")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.lstat(path)
+        uid = os.getuid() if hasattr(os, "getuid") else info.st_uid
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+            raise ValueError(f"{path!r} is not a directory owned by this user; remove it, or "
+                             f"name a registry file: zmq+sqlite:////abs/path/tidings.db")
+        if info.st_mode & 0o077:
+            os.chmod(path, 0o700)
+    except OSError as exc:
+        raise ValueError(f"cannot create the default zmq registry directory {path!r} "
+                         f"({exc.strerror or exc}); set XDG_RUNTIME_DIR, or name a registry "
+                         f"file: zmq+sqlite:////abs/path/tidings.db") from None
+    return path
+
+
 class SqliteMatchMaker(MatchMaker):
     """A registry in one sqlite file shared by the processes of a host."""
 
@@ -67,12 +101,8 @@ class SqliteMatchMaker(MatchMaker):
                 f"{url.masked()}: the sqlite matchmaker takes a file path, not a host; write "
                 f"zmq+sqlite:////abs/path/tidings.db (absolute, four slashes) or "
                 f"zmq+sqlite:///tidings.db (relative to the working directory)")
-        if not url.virtual_host:
-            raise ValueError(
-                f"{url.masked()}: the sqlite matchmaker needs a database file, e.g. "
-                f"zmq+sqlite:////tmp/tidings.db (absolute, four slashes) or "
-                f"zmq+sqlite:///tidings.db (relative to the working directory)")
-        self.path = os.path.abspath(url.virtual_host)
+        self.path = os.path.abspath(url.virtual_host) if url.virtual_host else \
+            os.path.join(runtime_dir(), DEFAULT_FILE)
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0

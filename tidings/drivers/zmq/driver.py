@@ -1,19 +1,11 @@
 """``zmq://``: brokerless notifications over ZeroMQ, with pools, exchanges and acknowledgements.
 
-A listener binds a ROUTER socket and registers its address in a matchmaker under (exchange,
-routing key, group), the group being its pool or the no-pool group. A notifier looks the
-(exchange, routing key) up and sends one copy per registered group straight to one member of it,
-rotating members. The sending transport keeps each copy in a bounded window until a listener
-acknowledges it, and resends it to another member of the group when the one it went to requeues
-it, disconnects, stops answering or stays silent for ``ack_timeout``; a group with no member for
-``ttl`` seconds has its copies dropped (logged). So a send returns once every group registered
-then has its copy in the window (``confirmed_send=False``); a group without a member gets nothing
-(``stores_without_listener=False``); nothing is on disk; redelivery lasts as long as the sending
-transport; a rejected message is dropped (no dead-letter destination). See docs/zmq.md.
-
-URLs: ``zmq://`` (in-memory matchmaker, one process), ``zmq+redis://host:6379/0`` (Redis),
-``zmq+sqlite:////abs/path/tidings.db`` (a file shared by the processes of one host; three
-slashes for a path relative to the working directory), or ``?matchmaker=<name>`` in the query.
+Listeners bind a ROUTER and register (exchange, routing key, group) -> address in a matchmaker;
+a notifier sends one copy per registered group to one member of it, keeps it in a bounded window
+until acknowledged and resends it to another member when needed. A send that finds no group
+fails (NoListener); nothing is stored or on disk. Registries: ``zmq://`` (this user's sqlite
+file, every process of the user on the host), ``zmq+memory://`` (one process), ``zmq+sqlite:
+////path.db``, ``zmq+redis://host:6379/0``. ``curve_*``: CURVE (curve.py). See docs/zmq.md.
 """
 
 from __future__ import annotations
@@ -25,15 +17,16 @@ from typing import Any
 
 import zmq
 
+from tidings.drivers.zmq.curve import Curve
 from tidings.drivers.zmq.listener import ZmqReceiver
 from tidings.drivers.zmq.sender import Sender
-from tidings.matchmaker.base import MatchMaker, get_matchmaker
+from tidings.matchmaker.base import MatchMaker, NoListener, matchmaker_for
 from tidings.matchmaker.client import Directory, Registrar
 from tidings.transports.base import Binding, Capabilities, Driver, Option, OutgoingMessage
-from tidings.transports.errors import InvalidTransportOption, InvalidTransportURL
-from tidings.transports.url import TransportURL, mask_password
+from tidings.transports.errors import InvalidTransportOption
+from tidings.transports.url import TransportURL
 
-__all__ = ["ZmqDriver"]
+__all__ = ["NoListener", "ZmqDriver"]
 
 _WILDCARDS = ("0.0.0.0", "*", "::", "[::]")
 
@@ -47,34 +40,30 @@ class ZmqDriver(Driver):
         at_least_once=True, durable=False, stores_without_listener=False, dead_letter=False,
         prefetch=True, confirmed_send=False)
     options = {
-        "matchmaker": Option(str, None, "listener registry: memory (one process), redis, "
-                                        "sqlite, or an installed plug-in; zmq+<name>:// sets "
-                                        "it too"),
-        "namespace": Option(str, "tidings", "registry namespace (Redis key prefix); keeps "
-                                            "deployments sharing one registry apart"),
-        "bind_address": Option(str, "127.0.0.1", "address listeners bind; 0.0.0.0 for all "
-                                                 "interfaces"),
-        "advertise_address": Option(str, None, "host name or address senders use to reach "
-                                               "this host's listeners (default: bind_address, "
-                                               "or the host name when binding a wildcard)"),
+        "matchmaker": Option(str, None, "listener registry: sqlite (default: this user's), "
+                                        "memory, redis or a plug-in; or zmq+<name>://"),
+        "namespace": Option(str, "tidings", "registry namespace: deployments sharing one "
+                                            "registry stay apart"),
+        "bind_address": Option(str, "127.0.0.1", "address listeners bind (0.0.0.0: all)"),
+        "advertise_address": Option(str, None, "host senders reach this host's listeners at "
+                                               "(default: bind_address, or the host name)"),
         "port_min": Option(int, 0, "lowest port a listener may bind (0: any free port)"),
         "port_max": Option(int, 0, "highest port a listener may bind (0: any free port)"),
-        "ttl": Option(float, 10.0, "seconds a listener's registration lives unrefreshed; a "
-                                   "listener that dies silently drops out after this"),
-        "lookup_interval": Option(float, 0.05, "seconds a sender reuses a lookup before "
-                                               "checking the registry for listeners of other "
-                                               "processes (0: every send); this process's own "
-                                               "listeners are seen at once"),
-        "ack_window": Option(int, 1000, "most copies one sending transport keeps "
-                                        "unacknowledged; send() waits for room beyond it"),
+        "ttl": Option(float, 10.0, "seconds a registration lives unrefreshed"),
+        "lookup_interval": Option(float, 0.05, "seconds a sender trusts a lookup before "
+                                               "checking for other processes' listeners"),
+        "ack_window": Option(int, 1000, "most copies a sending transport keeps unacknowledged"),
         "ack_timeout": Option(float, 30.0, "seconds a listener holding our copies may stay "
                                            "silent before they go to another member"),
-        "flush_timeout": Option(float, 5.0, "seconds cleanup() waits for unacknowledged "
-                                            "copies that still have a listener"),
+        "flush_timeout": Option(float, 5.0, "seconds cleanup() waits for acknowledgements"),
         "connect_grace": Option(float, 1.0, "seconds a newly found listener's turn is kept "
-                                            "while its connection is being set up, so the "
-                                            "first one connected does not take every copy "
-                                            "(0: no waiting)"),
+                                            "while it is connecting (0: no waiting)"),
+        "wait_for_listener": Option(bool, True, "retry a send that found no listener under "
+                                                "the retry policy (false: fail it at once)"),
+        "curve_secret_key": Option(str, None, "this process's CURVE certificate (.key_secret "
+                                              "file): encrypt and authenticate", secret=True),
+        "curve_public_keys_dir": Option(str, None, "the public .key certificates to trust"),
+        "curve_server_key": Option(str, None, "public .key certificate of the listeners"),
     }
 
     def __init__(self, url: TransportURL, options: Mapping[str, Any]) -> None:
@@ -86,13 +75,9 @@ class ZmqDriver(Driver):
             advertise = socket.gethostname()
         self._bind = {"bind_address": conf["bind_address"], "advertise_address": advertise,
                       "port_range": (conf["port_min"], conf["port_max"])}
-        try:
-            self.matchmaker: MatchMaker = get_matchmaker(
-                self._backend(url, conf["matchmaker"]), url, conf["namespace"])
-        except InvalidTransportURL:
-            raise
-        except ValueError as exc:
-            raise InvalidTransportURL(mask_password(str(exc))) from None
+        self._curve = Curve.from_options(conf)
+        self._auth: Any = None  # the ZAP handler, from the first CURVE listener on
+        self.matchmaker: MatchMaker = matchmaker_for(url, conf["matchmaker"], conf["namespace"])
         self._ctx = zmq.Context(io_threads=1)
         self._lock = threading.Lock()
         self._receivers: set[ZmqReceiver] = set()
@@ -101,7 +86,7 @@ class ZmqDriver(Driver):
         directory = Directory(self.matchmaker, conf["ttl"], conf["lookup_interval"])
         self._sender = Sender(self._ctx, directory, window=conf["ack_window"],
                               ack_timeout=conf["ack_timeout"], orphan_timeout=conf["ttl"],
-                              connect_grace=conf["connect_grace"],
+                              connect_grace=conf["connect_grace"], curve=self._curve,
                               name=f"zmq sender ({url.masked()})")
 
     @staticmethod
@@ -125,18 +110,14 @@ class ZmqDriver(Driver):
         if not conf["namespace"]:
             raise bad("namespace", "must not be empty")
 
-    @staticmethod
-    def _backend(url: TransportURL, option: str | None) -> str:
-        sub = url.subscheme
-        if sub and option and sub != option:
-            raise InvalidTransportOption(
-                f"{url.masked()}: the scheme says matchmaker {sub!r} but the query says "
-                f"matchmaker={option!r}; give one of them")
-        return sub or option or "memory"
-
     def send_batch(self, messages: Sequence[OutgoingMessage],
                    timeout: float | None) -> list[BaseException | None]:
         return self._sender.send_batch(messages, timeout)
+
+    def retryable(self, exc: BaseException) -> bool:
+        if isinstance(exc, NoListener):  # a listener may be starting; each retry is logged
+            return bool(self.conf["wait_for_listener"])
+        return super().retryable(exc)
 
     def listen(self, bindings: Sequence[Binding], pool: str | None,
                prefetch: int) -> ZmqReceiver:
@@ -144,8 +125,12 @@ class ZmqDriver(Driver):
             raise ValueError(f"pool must be a non-empty string or None, not {pool!r}")
         if self._closed:
             raise RuntimeError(f"{self.describe()} was cleaned up; build a new transport")
+        if self._curve is not None:
+            with self._lock:
+                if self._auth is None:
+                    self._auth = self._curve.authenticator(self._ctx)
         receiver = ZmqReceiver(self._ctx, self._registrar, bindings, pool, prefetch,
-                               on_close=self._release, **self._bind)
+                               on_close=self._release, curve=self._curve, **self._bind)
         with self._lock:
             self._receivers.add(receiver)
         return receiver
@@ -172,6 +157,8 @@ class ZmqDriver(Driver):
                 return
             self._released = True
         try:
+            if self._auth is not None:
+                self._auth.stop()
             self.matchmaker.close()
         finally:
             self._ctx.term()
@@ -184,4 +171,5 @@ class ZmqDriver(Driver):
                 for group, members in self.matchmaker.lookup(exchange, routing_key).items()}
 
     def describe(self) -> str:
-        return f"zmq driver ({self.matchmaker.describe()})"
+        curve = ", CURVE" if self._curve is not None else ""
+        return f"zmq driver ({self.matchmaker.describe()}{curve})"

@@ -17,8 +17,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from tidings.drivers.zmq import protocol
+from tidings.drivers.zmq.curve import REFUSALS, Curve
 from tidings.drivers.zmq.sender import drain_pipe
 from tidings.matchmaker.base import NO_POOL, Registration
 from tidings.matchmaker.client import Registrar
@@ -40,7 +42,7 @@ class ZmqReceiver(Receiver):
     def __init__(self, ctx: zmq.Context, registrar: Registrar, bindings: Sequence[Binding],
                  pool: str | None, prefetch: int, *, bind_address: str,
                  advertise_address: str | None, port_range: tuple[int, int],
-                 on_close: Callable[[ZmqReceiver | None], None]) -> None:
+                 on_close: Callable[[ZmqReceiver | None], None], curve: Curve | None) -> None:
         self._registrar = registrar
         self._on_close = on_close
         self._id = protocol.new_listener_id()
@@ -51,15 +53,22 @@ class ZmqReceiver(Receiver):
         for option, value in ((zmq.LINGER, CLOSE_LINGER_MS), (zmq.RCVHWM, 0), (zmq.SNDHWM, 0),
                               (zmq.ROUTER_HANDOVER, 1), (zmq.IPV6, int(":" in bind_address))):
             sock.setsockopt(option, value)
+        if curve is not None:
+            curve.serve(sock)
         try:
             port = _bind(sock, bind_address, port_range)
         except Exception:
             sock.close(0)
             raise
+        # With CURVE, a monitor: the senders it refuses are logged.
+        self._monitor: zmq.Socket | None = \
+            sock.get_monitor_socket(sum(REFUSALS)) if curve is not None else None
+        self._refused, self._quiet_until = 0, 0.0
         host = advertise_address or bind_address
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         self.endpoint = f"tcp://{host}:{port}"
-        self.address = protocol.format_member(self.endpoint, self._id, prefetch)
+        self.address = protocol.format_member(self.endpoint, self._id, prefetch,
+                                              curve.public if curve is not None else None)
         group = NO_POOL if pool is None else pool
         unique = dict.fromkeys((b.exchange, b.routing_key) for b in bindings)
         self.registrations = [Registration(ex, rk, group, self.address) for ex, rk in unique]
@@ -74,6 +83,8 @@ class ZmqReceiver(Receiver):
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
+        if self._monitor is not None:
+            self._poller.register(self._monitor, zmq.POLLIN)
         try:
             # Registered last, once the socket is bound: a sender that finds us can connect.
             registrar.add(self.registrations)
@@ -90,6 +101,8 @@ class ZmqReceiver(Receiver):
         if not buffer and timeout > 0 and self._poller.poll(int(timeout * 1000)):
             drain_pipe(self._wake_r)
             self._drain()
+        if self._monitor is not None:
+            self._log_refusals(self._monitor)
         out = [buffer.popleft() for _ in range(min(max_messages, len(buffer)))]
         self._keepalive()
         return out
@@ -137,6 +150,21 @@ class ZmqReceiver(Receiver):
                 msg.problem = problem or f"{more} frame(s) more than the one a copy has"
             buffer.append(msg)
             holding[sender] = holding.get(sender, 0) + 1
+
+    def _log_refusals(self, monitor: zmq.Socket) -> None:
+        """Log senders refused by CURVE: the first at once, then at most one line per 10 s."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            self._refused += 1
+            if (now := time.monotonic()) >= self._quiet_until:
+                self._quiet_until = now + 10.0
+                LOG.warning("%r refused a sender (%d so far): %s; a sender needs "
+                            "curve_secret_key=<its .key_secret> whose .key is in this "
+                            "listener's curve_public_keys_dir, and must trust this listener's "
+                            "key", self, self._refused, REFUSALS.get(event, event))
 
     def settle(self, outcomes: Sequence[Outcome]) -> None:
         """One frame per sender and kind: done (acknowledged or rejected: there is no
@@ -190,6 +218,9 @@ class ZmqReceiver(Receiver):
             self._closed = True
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(0)
         self._sock.close(CLOSE_LINGER_MS)
         self._on_close(self)
 

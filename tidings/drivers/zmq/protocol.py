@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import zmq
+from zmq.utils import z85
 
 __all__ = ["ACK", "DATA", "KEEPALIVE", "NOBLOCK", "NOT_MINE", "RCVMORE", "REQUEUE", "SNDMORE",
            "data_frame", "encode_headers", "format_member", "get_option", "new_listener_id",
@@ -95,21 +96,26 @@ def new_listener_id() -> bytes:
     return uuid.uuid4().bytes
 
 
-def format_member(endpoint: str, listener_id: bytes, credit: int) -> str:
-    """The address a listener registers: its endpoint, its id, and how many unacknowledged
-    copies one sender may hand it (its prefetch)."""
-    return f"{endpoint}/{listener_id.hex()}/{credit}"
+def format_member(endpoint: str, listener_id: bytes, credit: int,
+                  server_key: bytes | None = None) -> str:
+    """The address a listener registers: its endpoint, its id, how many unacknowledged copies
+    one sender may hand it (its prefetch) and, with CURVE, its public key (hex: Z85 has '/')."""
+    key = "/" + z85.decode(server_key).hex() if server_key else ""
+    return f"{endpoint}/{listener_id.hex()}/{credit}{key}"
 
 
-def parse_member(address: str) -> tuple[str, bytes, int]:
-    """(endpoint, listener id, credit) of a registered address; ValueError if it is not one."""
-    endpoint, lid, credit = address.rsplit("/", 2)
+def parse_member(address: str) -> tuple[str, bytes, int, bytes | None]:
+    """(endpoint, listener id, credit, CURVE key or None) of a registered address; ValueError
+    if it is not one."""
+    head, _, tail = address.rpartition("/")
+    key = z85.encode(bytes.fromhex(tail)) if len(tail) == 64 else None
+    endpoint, lid, credit = (head if key else address).rsplit("/", 2)
     if not endpoint.startswith("tcp://") or len(lid) != 32:
         raise ValueError(f"not a zmq listener address: {address!r}")
     value = int(credit)
     if value < 1:
         raise ValueError(f"not a zmq listener address (credit {value}): {address!r}")
-    return endpoint, bytes.fromhex(lid), value
+    return endpoint, bytes.fromhex(lid), value, key
 
 
 # pyzmq's Python-level Socket.send/recv add keyword handling and enum conversions that cost as

@@ -25,6 +25,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from tidings.drivers.zmq import protocol
+from tidings.drivers.zmq.curve import REFUSALS, Curve
+from tidings.matchmaker.base import NoListener
 from tidings.matchmaker.client import Directory, Route
 from tidings.transports.base import OutgoingMessage
 from tidings.transports.errors import MessageDeliveryFailure, TransportUnreachable
@@ -34,7 +36,7 @@ __all__ = ["Sender", "drain_pipe"]
 LOG = logging.getLogger(__name__)
 
 TICK, IDLE_TICK = 0.1, 1.0  # seconds between housekeeping rounds, with and without copies out
-_MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+_MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | sum(REFUSALS)
 
 
 @dataclass(eq=False, slots=True)
@@ -87,8 +89,9 @@ class Sender:
 
     def __init__(self, ctx: zmq.Context, directory: Directory, *, window: int,
                  ack_timeout: float, orphan_timeout: float, name: str,
-                 connect_grace: float = 1.0) -> None:
-        self._ctx, self._directory, self._name = ctx, directory, name
+                 connect_grace: float = 1.0, curve: Curve | None = None) -> None:
+        self._ctx, self._directory, self._name, self._curve = ctx, directory, name, curve
+        self._refused: set[str] = set()  # addresses of listeners we will not send to (logged)
         self._ack_timeout, self._orphan_timeout = ack_timeout, orphan_timeout
         self._connect_grace = connect_grace
         self._window, self._used = window, 0  # copies unacknowledged: at most the window
@@ -144,9 +147,8 @@ class Sender:
         route = self._directory.route(message.exchange, message.routing_key)
         n = len(route.groups)
         if not n:
-            LOG.debug("%s: no listener registered for %s/%s; message %s not delivered",
-                      self._name, message.exchange, message.routing_key, message.message_id)
-            return
+            raise NoListener(message.exchange, message.routing_key, message.message_id,
+                             self._directory.registry)
         mid = message.message_id.encode("utf-8")
         if len(mid) > 0xFFFF:
             raise ValueError(f"message id of {len(mid)} bytes: the zmq wire format allows at "
@@ -304,12 +306,25 @@ class Sender:
 
     def _new_member(self, address: str) -> _Member | None:
         try:
-            endpoint, lid, credit = protocol.parse_member(address)
+            endpoint, lid, credit, key = protocol.parse_member(address)
         except ValueError:
             LOG.error("%s: ignoring registry entry %r: not a zmq listener address", self._name,
                       address)
             return None
+        curve, why = self._curve, None
+        if curve is None and key is not None:
+            why = "it requires CURVE (give this URL curve_secret_key)"
+        elif curve is not None and key not in curve.trusted:
+            why = ("its key is in neither curve_public_keys_dir nor curve_server_key" if key
+                   else "it does not use CURVE, and this transport sends only over CURVE")
+        if why is not None:
+            if address not in self._refused:  # once per address, not once per lookup
+                self._refused.add(address)
+                LOG.error("%s: not sending to the listener at %s: %s", self._name, endpoint, why)
+            return None
         sock = self._ctx.socket(zmq.DEALER)
+        if curve is not None and key is not None:
+            curve.connect(sock, key)
         # No high-water marks: credits bound what is queued. Not ZMQ_IMMEDIATE: with it, a
         # disconnect terminates the pipe at once and drops the acknowledgements that arrived
         # just before it; copies are only sent once the monitor has seen the handshake, so
@@ -456,6 +471,10 @@ class Sender:
                 member.connected = True
                 member.last_heard = time.monotonic()
                 self._dirty.update(member.groups)
+            elif event in REFUSALS and member.address not in self._refused:
+                self._refused.add(member.address)
+                LOG.error("%s: the listener at %s refused our handshake (CURVE: is our public "
+                          "key in its curve_public_keys_dir?)", self._name, member.endpoint)
             elif event == zmq.EVENT_DISCONNECTED:
                 # Frames the listener sent before going are already queued on the socket:
                 # read them first, so a copy it acknowledged is not sent again.
