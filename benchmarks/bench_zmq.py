@@ -133,7 +133,7 @@ def run_tidings(url: str, n: int, drained: Callable[[Any], bool] | None = None,
 
     transport = tidings.get_notification_transport(url)
     endpoint = _Endpoint(n)
-    listener = tidings.get_notification_listener(transport, [tidings.Target("bench")],
+    listener = tidings.get_notification_listener(transport, [tidings.Target(topic="bench")],
                                                  [endpoint])
     listener.start()
     notifier = tidings.Notifier(transport, "bench.host", topics=["bench"], retry=retry,
@@ -162,7 +162,7 @@ def _zmq_drained(transport: Any) -> bool:
 
 
 def run_zmq(n: int) -> float:
-    return run_tidings(f"zmq:///bench-{uuid.uuid4().hex[:12]}", n, _zmq_drained)
+    return run_tidings(f"zmq+memory:///bench-{uuid.uuid4().hex[:12]}", n, _zmq_drained)
 
 
 def rabbit_runner(timeout: float) -> tuple[Callable[[int], float] | None, str]:

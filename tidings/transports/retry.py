@@ -12,7 +12,11 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from tidings.transports.errors import MessageDeliveryFailure, TransportUnreachable
+from tidings.transports.errors import (
+    MessageDeliveryFailure,
+    MessageUndeliverable,
+    TransportUnreachable,
+)
 
 __all__ = ["Backoff", "call_with_retry", "validate_retry"]
 
@@ -75,9 +79,12 @@ def call_with_retry(attempt: Callable[[], T], retry: int | None, what: str, *,
         except TransportUnreachable as exc:
             failures += 1
             if retry is not None and failures > retry:
+                hint = ("Start a listener for it first, or raise retry."
+                        if isinstance(exc.__cause__, MessageUndeliverable)
+                        else "Check that the broker is reachable, or raise retry.")
                 raise MessageDeliveryFailure(
                     f"{what} failed after {failures} attempt(s) (retry={retry}): {exc}. "
-                    f"Check that the broker is reachable, or raise retry.") from exc
+                    f"{hint}") from exc
             delay = backoff.next()
             if failures == 1 or failures % 20 == 0:  # the whole story now and then
                 LOG.warning("%s failed (attempt %d, retry=%s): %s; trying again in %.1fs",
