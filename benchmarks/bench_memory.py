@@ -43,7 +43,7 @@ def run_tidings(n: int) -> float:
     transport = tidings.get_notification_transport(f"memory:///bench-{uuid.uuid4().hex}")
     endpoint = _Endpoint(n)
     listener = tidings.get_notification_listener(
-        transport, [tidings.Target("bench")], [endpoint])
+        transport, [tidings.Target(topic="bench")], [endpoint])
     listener.start()
     notifier = tidings.Notifier(transport, "bench.host", topics=["bench"])
     began = time.perf_counter()

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Any
 
 import redis
 from _common import Counter as _Endpoint
@@ -43,7 +44,7 @@ def run_tidings(n: int) -> float:
     namespace = f"bench-{uuid.uuid4().hex[:10]}"
     transport = tidings.get_notification_transport(f"redisstreams://{HOST}:{PORT}/{namespace}")
     endpoint = _Endpoint(n)
-    listener = tidings.get_notification_listener(transport, [tidings.Target("bench")],
+    listener = tidings.get_notification_listener(transport, [tidings.Target(topic="bench")],
                                                  [endpoint])
     listener.start()
     notifier = tidings.Notifier(transport, "bench.host", topics=["bench"])
@@ -76,7 +77,7 @@ def run_by_hand(n: int) -> float:
     def consume() -> None:
         nonlocal received
         while received < n:
-            reply = consumer.xreadgroup("group", "c1", {key: ">"}, count=64, block=200)
+            reply: Any = consumer.xreadgroup("group", "c1", {key: ">"}, count=64, block=200)
             for _, entries in reply or ():
                 for entry, fields in entries:
                     json.loads(json.loads(fields[b"body"])["oslo.message"])

@@ -61,7 +61,7 @@ def run(messages: int, layer: str = "full", warmup: int = 640) -> float:
     transport = tidings.get_notification_transport(f"memory:///cost-{uuid.uuid4().hex}")
     try:
         notifier = tidings.Notifier(transport, "bench.host", topics=["bench"])
-        listener = tidings.get_notification_listener(transport, [tidings.Target("bench")],
+        listener = tidings.get_notification_listener(transport, [tidings.Target(topic="bench")],
                                                      [endpoint])
         # The core's own consumer code, driven from this thread: hold what the driver
         # delivered, run the handler, hand the settlements to the driver as one batch.
@@ -69,7 +69,7 @@ def run(messages: int, layer: str = "full", warmup: int = 640) -> float:
                                       prefetch=BATCH)
         receiver = transport.listen(listener.bindings, None, BATCH)
         driver = transport._driver
-        target = [tidings.Target("bench.info")]
+        target = [tidings.Target(topic="bench.info")]
         binding = Binding(transport.default_exchange, "bench.info")
 
         def send() -> None:

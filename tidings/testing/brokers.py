@@ -36,11 +36,25 @@ def service_up(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def require_service(name: str) -> tuple[str, int]:
-    """Return (host, port) of ``name`` or fail (CI) / skip (elsewhere) saying how to start it."""
+def require_service(name: str, host: str | None = None, port: int | None = None,
+                    how: str | None = None) -> tuple[str, int]:
+    """Return (host, port) of the service ``name`` once a TCP connection to it succeeds, or fail
+    (CI) / skip (elsewhere) saying how to start it.
+
+    ``name`` labels the messages. For the services tidings' own tests use (``SERVICES``:
+    ``"rabbitmq"``, ``"redis"``) host, port and the start command default to theirs; any other
+    service, say a plug-in's broker, passes its own::
+
+        host, port = require_service("nats", "127.0.0.1", 4222, how="nats-server --jetstream &")
+    """
     import pytest
 
-    host, port, how = SERVICES[name]
+    known: tuple[str | None, int | None, str | None] = SERVICES.get(name, (None, None, None))
+    host, port = host or known[0], port or known[1]
+    if host is None or port is None:
+        raise ValueError(f"require_service({name!r}) needs host and port: it knows only "
+                         f"{', '.join(sorted(SERVICES))} by name")
+    how = how or known[2] or f"start {name} listening on {host}:{port}"
     if not service_up(host, port):
         msg = f"{name} is not reachable on {host}:{port}; start it with: {how}"
         if in_ci():

@@ -1,290 +1,198 @@
 """``redisstreams://``: a tidings driver on Redis Streams, written as a third party would.
 
-It imports only the driver contract (``tidings.transports.*``) and ``redis``; the core does
-the rest (URLs, option checks, capability checks, envelopes, dispatch, retry policy, the
-once-only settlement of each message).
-
-The model, in Redis terms:
-
-* every (exchange, routing key) is one stream, ``<namespace>:stream:<exchange>:<routing key>``
-  (names %-encoded, so ``a:b`` / ``c`` and ``a`` / ``b:c`` never collide); the namespace is the
-  URL's virtual host (``redisstreams://host:6379/myapp``), ``tidings`` when there is none;
-* the no-pool group is the consumer group ``group``, created by the first send (so nothing sent
-  before its listeners start is lost); each pool is the consumer group ``pool:<name>``,
-  created when its first member listens and reading from then on;
-* every listener is one consumer of its group; ``XREADGROUP`` hands each entry to one consumer
-  of each group, which is the "one copy per pool, split inside a pool" rule for free;
-* ack and reject are ``XACK`` (reject drops: there is no dead-letter stream);
-* requeue, and close() with unsettled messages, *park* the entry: ``XCLAIM`` it to the
-  reserved consumer ``__parked__`` with an idle time of a year. Every member's poll starts with
-  ``XAUTOCLAIM`` for entries idle longer than ``claim_idle``, which takes parked entries at
-  once and, after ``claim_idle`` seconds, entries of a consumer that died without closing;
-* prefetch is the ``COUNT`` of each read, never more than the listener's free slots.
-
-Redis keeps streams until they are deleted: ``maxlen`` trims them, at the price of dropping
-the oldest entries whether or not every group has read them.
+It imports only the driver contract (``tidings.transports.*``) and ``redis``. Each (exchange,
+routing key) is a stream; the no-pool group (``group``, created by the first send) and each pool
+(``pool:<name>``, created by its first member) are consumer groups, each receiver one consumer;
+ack and reject are ``XACK``; requeue parks the entry for the next ``XAUTOCLAIM`` of any member,
+which also takes over a dead consumer's entries after ``claim_idle``. See the README's model.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import socket
-import threading
-import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tidings.transports.base import (
+    REQUEUE,
     Binding,
     Capabilities,
     Driver,
     IncomingMessage,
-    Listener,
     Option,
+    Outcome,
     OutgoingMessage,
+    Receiver,
 )
 from tidings.transports.errors import InvalidTransportURL, TransportUnreachable
-from tidings.transports.url import TransportURL
+from tidings.transports.url import TransportHost, TransportURL
 
 __all__ = ["RedisStreamsDriver"]
 
 LOG = logging.getLogger(__name__)
-
 NO_POOL_GROUP = "group"
 PARKED = "__parked__"
-#: The idle time given to parked entries: far beyond any claim_idle, so the next XAUTOCLAIM
-#: of any member takes them, while entries a live consumer is working on are never stolen.
+#: Far beyond any claim_idle: the next XAUTOCLAIM of any member takes a parked entry at once.
 PARKED_IDLE_MS = 365 * 24 * 3600 * 1000
-MAX_CLAIM_IDLE = 24 * 3600.0
-_CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+_LOST = (redis.ConnectionError, redis.TimeoutError)
 
 
-def _claim_idle(raw: str) -> float:
-    value = float(raw)
-    if not 0 < value <= MAX_CLAIM_IDLE:
-        raise ValueError(raw)
-    return value
+def _within(convert: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:
+    """An Option type: ``convert`` the text, then refuse a value outside [low, high]."""
+    def number(raw: str) -> Any:  # named for the core's message: "... is not a valid number"
+        if not low <= (value := convert(raw)) <= high:
+            raise ValueError(raw)
+        return value
+    return number
 
 
-def _non_negative(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError(raw)
-    return value
+@contextmanager
+def _reaching(doing: str, where: str) -> Iterator[None]:
+    """Raise what a reconnect may cure as TransportUnreachable: a lost connection, and a
+    consumer group that vanished (Redis restarted empty, keys deleted): listen() recreates it."""
+    try:
+        yield
+    except (*_LOST, redis.ResponseError) as exc:
+        if not isinstance(exc, _LOST) and "NOGROUP" not in str(exc):
+            raise
+        raise TransportUnreachable(f"redisstreams could not {doing} at {where}: {exc}; check "
+                                   f"that Redis is running and reachable") from exc
 
 
-class _StreamMessage(IncomingMessage):
-    __slots__ = ("_entry", "_key", "_listener")
-
-    def __init__(self, listener: _StreamsListener, key: bytes, entry: bytes,
-                 fields: dict[bytes, bytes], redelivered: bool) -> None:
-        headers_raw = fields.get(b"h")
-        headers = json.loads(headers_raw) if headers_raw else {}
-        message_id = fields.get(b"id", b"").decode("utf-8", "replace") or None
-        super().__init__(fields.get(b"body", b""), message_id, headers, redelivered)
-        self._listener = listener
-        self._key = key
-        self._entry = entry
-
-    def _ack(self) -> None:
-        self._listener._settle(self, park=False)
-
-    def _reject(self) -> None:
-        self._listener._settle(self, park=False)
-
-    def _requeue(self) -> None:
-        self._listener._settle(self, park=True)
+def _unwrap(key: bytes, entry: bytes, fields: dict[bytes, bytes], times: int) -> IncomingMessage:
+    """One stream entry as a delivery. One it cannot read carries ``problem`` (the core rejects
+    it alone): a bad entry must never make receive() raise."""
+    problem = None if b"body" in fields else "the stream entry has no body field"
+    try:
+        headers = json.loads(fields.get(b"h", b"{}"))
+    except ValueError as exc:
+        headers, problem = None, f"its headers field is not JSON ({exc})"
+    message_id = fields.get(b"id", b"").decode(errors="replace") or None
+    msg = IncomingMessage(fields.get(b"body", b""), message_id, headers, times > 1,
+                          token=(key, entry), delivery_count=times)
+    msg.problem = msg.problem or problem
+    return msg
 
 
-class _StreamsListener(Listener):
-    """One consumer of one consumer group, reading every stream of its bindings."""
+class _StreamsReceiver(Receiver):
+    """One consumer of one consumer group, reading every stream of its bindings, on a Redis
+    connection of its own (a blocking read holds it) that close() releases."""
 
-    def __init__(self, driver: RedisStreamsDriver, keys: list[bytes], group: str, start: str,
-                 prefetch: int) -> None:
-        self._driver = driver
-        self._client = driver._client
-        self._keys = keys
-        self._group = group
-        self._start = start
-        self._prefetch = prefetch
+    def __init__(self, driver: RedisStreamsDriver, keys: list[bytes], group: str,
+                 start: str) -> None:
+        self._where = driver.url.masked()
+        self._client = driver.connect()
+        self._keys, self._group = keys, group
         self._claim_idle_ms = int(driver.conf["claim_idle"] * 1000)
         self._consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._cursors = dict.fromkeys(keys, b"0-0")
-        self._held: dict[tuple[bytes, bytes], _StreamMessage] = {}
-        self._queued: list[tuple[bytes, bytes, bool]] = []  # (key, entry, park) to send
-        self._cond = threading.Condition()
-        self._closed = False
-        self._ensure_groups()
+        self._ready: list[IncomingMessage] = []  # read from Redis, not yet asked for
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.xgroup_create(key, group, id=start, mkstream=True)
+        with _reaching("listen", self._where):
+            for reply in pipe.execute(raise_on_error=False):
+                if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+                    raise reply
 
-    def _ensure_groups(self) -> None:
+    def receive(self, max_messages: int, timeout: float) -> Sequence[IncomingMessage]:
+        if not self._ready:
+            with _reaching("receive", self._where):
+                self._read(max_messages, timeout)
+        out, self._ready = self._ready[:max_messages], self._ready[max_messages:]
+        return out
+
+    def _read(self, count: int, timeout: float) -> None:
+        """Parked and orphaned entries (XAUTOCLAIM) and new ones (XREADGROUP) in one round
+        trip, else one XREADGROUP blocking up to ``timeout``. COUNT is per stream: what a read
+        of several streams brings beyond ``count`` waits in ``_ready`` for the next call."""
+        streams: dict[Any, Any] = dict.fromkeys(self._keys, ">")
+        pipe = self._client.pipeline(transaction=False)
         for key in self._keys:
-            self._driver._create_group(key, self._group, self._start)
+            pipe.xautoclaim(key, self._group, self._consumer, self._claim_idle_ms,
+                            start_id=self._cursors[key], count=count)
+        pipe.xreadgroup(self._group, self._consumer, streams, count=count)
+        *claims, fresh = pipe.execute()
+        claimed = []
+        for key, (cursor, entries, *_) in zip(self._keys, claims, strict=True):
+            self._cursors[key] = cursor
+            claimed += [(key, entry, fields) for entry, fields in entries if fields is not None]
+        if claimed:  # how often Redis delivered each, so max_deliveries holds across members
+            pipe = self._client.pipeline(transaction=False)
+            for key, entry, _ in claimed:
+                pipe.xpending_range(key, self._group, entry, entry, 1)
+            for (key, entry, fields), info in zip(claimed, pipe.execute(), strict=True):
+                times = info[0]["times_delivered"] if info else 2
+                self._ready.append(_unwrap(key, entry, fields, times))
+        if not self._ready and not fresh and timeout > 0:
+            fresh = self._client.xreadgroup(self._group, self._consumer, streams, count=count,
+                                            block=max(1, int(timeout * 1000)))
+        for key, entries in fresh or ():
+            self._ready += [_unwrap(key, entry, fields, 1) for entry, fields in entries]
 
-    # -- settlement (any thread) ------------------------------------------------------
-    def _settle(self, msg: _StreamMessage, park: bool) -> None:
-        """Free the prefetch slot now; send the XACK / park with the next poll's round trip.
-
-        Batching settlements into the pipeline every poll sends anyway costs one round trip per
-        poll instead of one per message. If the process dies first, the entry is still pending
-        and another member takes it over after claim_idle: at least once, never lost.
-        """
-        with self._cond:
-            if self._held.pop((msg._key, msg._entry), None) is None:
-                return  # already handed back by close()
-            self._queued.append((msg._key, msg._entry, park))
-            self._cond.notify_all()
-
-    def _queue_settlements(self, pipe: Any) -> list[tuple[bytes, bytes, bool]]:
-        with self._cond:
-            queued, self._queued = self._queued, []
+    def settle(self, outcomes: Sequence[Outcome]) -> None:
+        """XACK the acked and rejected entries, park the requeued ones: one command per stream
+        and kind, all in one round trip."""
         acks: dict[bytes, list[bytes]] = {}
         parks: dict[bytes, list[bytes]] = {}
-        for key, entry, park in queued:
-            (parks if park else acks).setdefault(key, []).append(entry)
+        for msg, how in outcomes:
+            (parks if how == REQUEUE else acks).setdefault(msg.token[0], []).append(msg.token[1])
+        pipe = self._client.pipeline(transaction=False)
         for key, entries in acks.items():
             pipe.xack(key, self._group, *entries)
         for key, entries in parks.items():
-            pipe.xclaim(key, self._group, PARKED, 0, entries, idle=PARKED_IDLE_MS, justid=True)
-        return queued
+            self._park(pipe, key, entries)
+        with _reaching("settle", self._where):
+            pipe.execute()
 
-    def _requeue_settlements(self, queued: list[tuple[bytes, bytes, bool]]) -> None:
-        with self._cond:
-            self._queued[:0] = queued
-
-    def _park(self, entries: Sequence[tuple[bytes, bytes]]) -> None:
-        by_key: dict[bytes, list[bytes]] = {}
-        for key, entry in entries:
-            by_key.setdefault(key, []).append(entry)
-        for key, ids in by_key.items():
-            self._client.xclaim(key, self._group, PARKED, 0, ids, idle=PARKED_IDLE_MS,
-                                justid=True)
-
-    # -- receiving (the poll thread) ----------------------------------------------------
-    def poll(self, timeout: float) -> Sequence[IncomingMessage]:
-        if self._closed:
-            return []
-        if self._driver._shut.is_set():
-            self.close()
-            return []
-        try:
-            return self._poll(timeout)
-        except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            LOG.warning("redisstreams: consumer group %s vanished (Redis restarted or keys "
-                        "deleted); recreating it", self._group)
-            self._ensure_groups()
-            return []
-        except _CONNECTION_ERRORS as exc:
-            LOG.warning("redisstreams: lost %s (%s); reconnecting on the next poll",
-                        self._driver.url.masked(), exc)
-            self._driver._shut.wait(min(timeout, 1.0))
-            return []
-
-    def _room(self, timeout: float) -> int:
-        with self._cond:
-            if len(self._held) >= self._prefetch:
-                self._cond.wait_for(lambda: len(self._held) < self._prefetch or self._closed,
-                                    timeout)
-            return self._prefetch - len(self._held)
-
-    def _poll(self, timeout: float) -> list[IncomingMessage]:
-        began = time.monotonic()
-        room = self._room(timeout)
-        pipe = self._client.pipeline(transaction=False)
-        queued = self._queue_settlements(pipe)
-        # Parked (requeued) entries first, and those of consumers that vanished: one
-        # XAUTOCLAIM per stream, in the same round trip as the settlements.
-        claim_keys = self._keys if room > 0 and not self._closed else []
-        for key in claim_keys:
-            pipe.xautoclaim(key, self._group, self._consumer, self._claim_idle_ms,
-                            start_id=self._cursors[key], count=room)
-        try:
-            replies = pipe.execute() if len(pipe) else []
-        except _CONNECTION_ERRORS:
-            self._requeue_settlements(queued)
-            raise
-        out: list[_StreamMessage] = []
-        claims = replies[len(replies) - len(claim_keys):]
-        for key, reply in zip(claim_keys, claims, strict=True):
-            cursor, claimed, *_ = reply
-            self._cursors[key] = cursor
-            out += [_StreamMessage(self, key, entry, fields, True)
-                    for entry, fields in claimed if fields is not None]
-        if room <= 0 or self._closed:
-            return []
-        if len(out) < room:
-            per_stream = max(1, (room - len(out)) // len(self._keys))
-            left = timeout - (time.monotonic() - began)
-            block = None if out else max(1, int(left * 1000))
-            reply = self._client.xreadgroup(self._group, self._consumer,
-                                            dict.fromkeys(self._keys, ">"), count=per_stream,
-                                            block=block)
-            for key, entries in reply or ():
-                out += [_StreamMessage(self, key, entry, fields, False)
-                        for entry, fields in entries]
-        # Several streams may answer at once, or claims overlap: give back what is over.
-        self._park([(m._key, m._entry) for m in out[room:]])
-        out = out[:room]
-        with self._cond:
-            for msg in out:
-                self._held[(msg._key, msg._entry)] = msg
-        return out
+    def _park(self, client: Any, key: bytes, entries: Sequence[Any]) -> None:
+        client.xclaim(key, self._group, PARKED, 0, entries, idle=PARKED_IDLE_MS, justid=True)
 
     def close(self) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            held, self._held = self._held, {}
-            self._cond.notify_all()
+        """Park what is still pending for this consumer (read into ``_ready``, or held when the
+        connection was lost), then delete it. If Redis cannot be reached, the entries stay
+        pending and another member takes them over after claim_idle: none is lost."""
+        keys, self._keys, client = self._keys, [], self._client  # a second close() does nothing
         try:
-            pipe = self._client.pipeline(transaction=False)
-            self._queue_settlements(pipe)
-            if len(pipe):
-                pipe.execute()
-            self._park(list(held))
-            for key in self._keys:
-                # Anything else still pending for this consumer (a reply lost mid-read) goes
-                # back too; then the consumer is removed so groups do not collect dead names.
-                pending = self._client.xpending_range(key, self._group, "-", "+", 10_000,
-                                                      consumername=self._consumer)
-                self._park([(key, p["message_id"]) for p in pending])
-                self._client.xgroup_delconsumer(key, self._group, self._consumer)
-        except (*_CONNECTION_ERRORS, redis.ResponseError) as exc:
-            # Unreachable Redis: the entries stay pending under this consumer, and another
-            # member takes them over after claim_idle seconds. Nothing is lost.
-            LOG.warning("redisstreams: could not hand back %d message(s) on close (%s); other "
-                        "members will claim them after claim_idle", len(held), exc)
+            for key in keys:
+                while pending := client.xpending_range(key, self._group, "-", "+", 1000,
+                                                       consumername=self._consumer):
+                    self._park(client, key, [p["message_id"] for p in pending])
+                # DELCONSUMER drops the consumer's pending entries: only now that it has none.
+                client.xgroup_delconsumer(key, self._group, self._consumer)
+        except (*_LOST, redis.ResponseError) as exc:
+            LOG.warning("redisstreams: could not hand back pending messages at %s on close "
+                        "(%s); other members take them after claim_idle", self._where, exc)
         finally:
-            self._driver._forget(self)
+            client.close()
 
 
 class RedisStreamsDriver(Driver):
     """Redis Streams with consumer groups; see the module docstring for the model."""
 
     name = "redisstreams"
-    capabilities = Capabilities(
+    capabilities = Capabilities(  # not durable (Redis persistence is the operator's), no DLQ
         pools=True, requeue=True, requeue_to_other_member=True, exchanges=True,
-        at_least_once=True, durable=False, stores_without_listener=True, dead_letter=False,
-        prefetch=True, confirmed_send=True)
+        at_least_once=True, stores_without_listener=True, prefetch=True, confirmed_send=True)
     options = {
-        "db": Option(_non_negative, 0, "Redis database number"),
-        "claim_idle": Option(_claim_idle, 60.0,
-                             "seconds after which messages held by a consumer that vanished "
-                             "without closing are taken over by another member (0 < s <= 1 day)"),
-        "maxlen": Option(_non_negative, 0,
-                         "approximate cap on each stream's length; 0 keeps every entry "
-                         "(trimming drops the oldest entries even if a group has not read them)"),
-        "socket_timeout": Option(float, 5.0,
-                                 "seconds a Redis command may take before the connection is "
-                                 "considered lost"),
+        "db": Option(_within(int, 0, 1 << 31), 0, "Redis database number"),
+        "claim_idle": Option(_within(float, 0.001, 86400), 60.0, "seconds (up to 86400) "
+                             "before another member takes over a vanished consumer's messages"),
+        "maxlen": Option(_within(int, 0, 1 << 63), 0, "approximate cap on each stream's "
+                         "length, dropping its oldest entries even if unread; 0 keeps all"),
+        "socket_timeout": Option(float, 5.0, "seconds a Redis command (a send attempt) may "
+                                 "take before the connection counts as lost"),
         "ssl": Option(bool, False, "connect with TLS"),
     }
 
@@ -294,80 +202,54 @@ class RedisStreamsDriver(Driver):
             raise InvalidTransportURL(
                 f"redisstreams takes one Redis host, not {len(url.hosts)} "
                 f"({url.masked()}); point it at one server or a proxy in front of a cluster")
-        host = url.hosts[0] if url.hosts else None
+        host = url.hosts[0] if url.hosts else TransportHost()
         self.namespace = url.virtual_host or "tidings"
-        # No I/O here: redis-py connects on the first command.
-        self._client = redis.Redis(
-            host=(host.hostname if host else None) or "127.0.0.1",
-            port=(host.port if host else None) or 6379,
-            username=host.username if host else None,
-            password=host.password if host else None,
-            db=self.conf["db"], ssl=self.conf["ssl"],
-            socket_timeout=self.conf["socket_timeout"],
-            socket_connect_timeout=self.conf["socket_timeout"])
-        self._grouped: set[bytes] = set()
-        self._listeners: set[_StreamsListener] = set()
-        self._lock = threading.Lock()
-        self._shut = threading.Event()
+        seconds = self.conf["socket_timeout"]
+        #: A new Redis client; no I/O yet (redis-py connects on the first command). No retries
+        #: inside redis-py: retrying is the core's job, and a retried XADD could add twice.
+        self.connect = functools.partial(
+            redis.Redis, host=host.hostname or "127.0.0.1", port=host.port or 6379,
+            username=host.username, password=host.password, db=self.conf["db"],
+            ssl=self.conf["ssl"], socket_timeout=seconds, socket_connect_timeout=seconds,
+            retry=Retry(NoBackoff(), 0))
+        self._client = self.connect()  # for sending; each receiver has its own
+        self._grouped: set[bytes] = set()  # streams whose no-pool group exists
 
     def stream_key(self, exchange: str, routing_key: str) -> bytes:
         """The stream an (exchange, routing key) lives in; public for tools and tests."""
         return (f"{self.namespace}:stream:{quote(exchange, safe='')}:"
                 f"{quote(routing_key, safe='.')}").encode()
 
-    def _create_group(self, key: bytes, group: str, start: str) -> None:
+    def send_batch(self, messages: Sequence[OutgoingMessage],
+                   timeout: float | None) -> list[BaseException | None]:
+        """XADD every message in one round trip (``socket_timeout`` bounds it). The first send
+        to a stream creates its no-pool group too, reading from the start, so a notification
+        sent before any listener of that group waits for one."""
+        keys = [self.stream_key(m.exchange, m.routing_key) for m in messages]
+        fresh = [k for k in dict.fromkeys(keys) if k not in self._grouped]
+        pipe = self._client.pipeline(transaction=False)
+        for key in fresh:
+            pipe.xgroup_create(key, NO_POOL_GROUP, id="0", mkstream=True)
+        for key, message in zip(keys, messages, strict=True):
+            fields: dict[Any, Any] = {b"body": message.body, b"id": message.message_id}
+            if message.headers:
+                fields[b"h"] = json.dumps(message.headers)
+            pipe.xadd(key, fields, maxlen=self.conf["maxlen"] or None, approximate=True)
         try:
-            self._client.xgroup_create(key, group, id=start, mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+            with _reaching("send", self.url.masked()):
+                replies = pipe.execute(raise_on_error=False)
+        except TransportUnreachable as exc:
+            return [exc] * len(messages)
+        self._grouped.update(k for k, r in zip(fresh, replies, strict=False)
+                             if not isinstance(r, Exception) or "BUSYGROUP" in str(r))
+        return [r if isinstance(r, Exception) else None for r in replies[len(fresh):]]
 
-    def _unreachable(self, doing: str, exc: Exception) -> TransportUnreachable:
-        return TransportUnreachable(f"redisstreams could not {doing} at {self.url.masked()}: "
-                                    f"{exc}; check that Redis is running and reachable")
-
-    def send(self, message: OutgoingMessage, timeout: float | None = None) -> None:
-        key = self.stream_key(message.exchange, message.routing_key)
-        fields: dict[bytes, Any] = {b"body": message.body, b"id": message.message_id}
-        if message.headers:
-            fields[b"h"] = json.dumps(message.headers)
-        try:
-            if key not in self._grouped:
-                # The no-pool group exists from the first send, reading from the start, so a
-                # notification sent before any listener of it waits for one.
-                self._create_group(key, NO_POOL_GROUP, "0")
-                self._grouped.add(key)
-            self._client.xadd(key, fields, maxlen=self.conf["maxlen"] or None,
-                              approximate=True)
-        except _CONNECTION_ERRORS as exc:
-            raise self._unreachable("send", exc) from exc
-
-    def listen(self, bindings: Sequence[Binding], pool: str | None,
-               prefetch: int) -> Listener:
+    def listen(self, bindings: Sequence[Binding], pool: str | None, prefetch: int) -> Receiver:
+        # Nothing to do with prefetch: the core never asks receive() for more than it allows.
         keys = list(dict.fromkeys(self.stream_key(b.exchange, b.routing_key) for b in bindings))
         group, start = (NO_POOL_GROUP, "0") if pool is None else (f"pool:{pool}", "$")
-        try:
-            listener = _StreamsListener(self, keys, group, start, prefetch)
-        except _CONNECTION_ERRORS as exc:
-            raise self._unreachable("listen", exc) from exc
-        with self._lock:
-            self._listeners.add(listener)
-        return listener
-
-    def _forget(self, listener: _StreamsListener) -> None:
-        with self._lock:
-            self._listeners.discard(listener)
-            last = not self._listeners
-        if last and self._shut.is_set():
-            self._client.close()
+        return _StreamsReceiver(self, keys, group, start)
 
     def cleanup(self) -> None:
-        """Close connections. Running listeners hand their messages back at their next poll."""
-        self._shut.set()
-        with self._lock:
-            idle = not self._listeners
-        if idle:
-            self._client.close()
-
-    def describe(self) -> str:
-        return f"redisstreams driver at {self.url.masked()} (namespace {self.namespace!r})"
+        """Close the sending connection; each receiver closes its own when the core stops it."""
+        self._client.close()
