@@ -227,11 +227,11 @@ def test_url_defaults_failover_hosts_and_tls_options() -> None:
         return driver.settings
 
     s = settings("rabbit://")
-    assert [(e.host, e.port, e.username, e.password) for e in s.endpoints] == \
+    assert [(e.hostname, e.port, e.username, e.password) for e in s.endpoints] == \
         [("localhost", 5672, "guest", "guest")]
     assert s.virtual_host == "/"
     s = settings("rabbit://a:pw1@h1:5673,b:pw2@h2/vh?ssl=true&ssl_ca_file=/ca.pem")
-    assert [(e.host, e.port, e.username) for e in s.endpoints] == [("h1", 5673, "a"),
+    assert [(e.hostname, e.port, e.username) for e in s.endpoints] == [("h1", 5673, "a"),
                                                                  ("h2", 5671, "b")]
     assert s.virtual_host == "vh"
     assert s.ssl_options["ca_certs"] == "/ca.pem"

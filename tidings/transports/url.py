@@ -79,6 +79,17 @@ class TransportHost:
         return (f"TransportHost(hostname={self.hostname!r}, port={self.port!r}, "
                 f"username={self.username!r}, password={pw!r})")
 
+    def __str__(self) -> str:
+        """``host:port`` (``[v6]:port``), no credentials: for log lines and errors."""
+        host = self.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        return host if self.port is None else f"{host}:{self.port}"
+
+    @property
+    def label(self) -> str:
+        """``user@host:port`` for logs and errors (never the password)."""
+        return f"{self.username}@{self}" if self.username else str(self)
+
     def _format(self, mask: bool) -> str:
         out = ""
         if self.username is not None or self.password is not None:

@@ -2,45 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from tidings.transports.url import TransportHost, TransportURL
 
-from tidings.transports.url import TransportURL
-
-__all__ = ["BrokerHost", "broker_hosts"]
-
-
-@dataclass(frozen=True)
-class BrokerHost:
-    """One broker address with its credentials; ``repr`` never shows the password."""
-
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-    @property
-    def label(self) -> str:
-        """``user@host:port`` for logs and errors (no password)."""
-        return f"{self.username}@{self}" if self.username else str(self)
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+__all__ = ["broker_hosts"]
 
 
 def broker_hosts(url: TransportURL, port: int, *,
-                 guest: bool = False) -> tuple[BrokerHost, ...]:
+                 guest: bool = False) -> tuple[TransportHost, ...]:
     """The URL's hosts in order (``localhost`` when it names none), each with ``port`` when
-    it gives none. ``guest``: a host without credentials logs in as guest/guest, as kombu
-    and oslo.messaging do over AMQP 0-9-1."""
-    hosts = url.hosts or ()
+    it gives none, so every one has a host name and a port. ``guest``: a host without
+    credentials logs in as guest/guest, as kombu and oslo.messaging do over AMQP 0-9-1."""
     out = []
-    for h in hosts:
+    for h in url.hosts or ():
         username, password = h.username, h.password
         if guest and username is None:
             username, password = "guest", "guest" if password is None else password
         elif guest and password is None:
             password = ""
-        out.append(BrokerHost(h.hostname or "localhost", h.port or port, username, password))
+        out.append(TransportHost(h.hostname or "localhost", h.port or port, username, password))
     if not out:
-        out.append(BrokerHost("localhost", port, *(("guest", "guest") if guest else ())))
+        out.append(TransportHost("localhost", port, *(("guest", "guest") if guest else ())))
     return tuple(out)

@@ -1,13 +1,12 @@
 """The queue model of brokers with topic exchanges and named queues, with oslo.messaging's names.
 
-RabbitMQ is reached by two drivers of this family (``rabbit://`` over AMQP 0-9-1 and ``amqp://`` over AMQP 1.0),
-and both must name, shape and bind queues exactly as oslo.messaging does so that every library
-can share one broker: the no-pool group consumes queue ``<topic>.<priority>`` (the routing key),
-a pool consumes a queue named after the pool bound to every routing key it listens to. The names,
-the URL options that shape queues, the x-arguments they turn into and the capabilities they
-imply are decided here, once; a driver only declares what this plans, with its own library.
-Pure logic: no broker library is imported.
-"""
+RabbitMQ is reached by two drivers of this family (``rabbit://`` over AMQP 0-9-1 and
+``amqp://`` over AMQP 1.0), and both must name, shape and bind queues exactly as oslo.messaging
+does so that every library can share one broker: the no-pool group consumes queue
+``<topic>.<priority>`` (the routing key), a pool consumes a queue named after the pool bound to
+every routing key it listens to. The names, the URL options that shape queues, the x-arguments
+they turn into and the capabilities they imply are decided here, once; a driver only declares
+what this plans, with its own library. Pure logic: no broker library is imported."""
 
 from __future__ import annotations
 

@@ -110,7 +110,7 @@ class TLSSettings:
                     f"{named} cannot be used: {ssl_error_text(exc)}; give readable PEM files, the "
                     f"certificate and the unencrypted private key that belongs to it") from None
 
-    def explain_handshake_failure(self, where: str, host: str, error: str) -> str:
+    def explain_handshake_failure(self, where: str, host: str | None, error: str) -> str:
         """A line for logs and TransportUnreachable: the TLS handshake with ``where`` (as
         shown, e.g. ``broker:5671``) failed with OpenSSL's ``error``, and what to check,
         chosen from what OpenSSL said. ``host`` is the name the certificate must carry."""

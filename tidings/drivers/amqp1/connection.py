@@ -23,10 +23,10 @@ from typing import Any
 
 from proton import SSL, Connection, Endpoint, Handler, SSLDomain, SSLException
 
-from tidings.drivers._rabbitmq.hosts import BrokerHost
 from tidings.drivers._rabbitmq.tls import TLSSettings
 from tidings.drivers.amqp1.loop import EventLoop
 from tidings.transports.errors import InvalidTransportOption
+from tidings.transports.url import TransportHost
 
 __all__ = ["ConnectParams", "ConnectionOwner", "describe_condition"]
 
@@ -38,12 +38,12 @@ class ConnectParams:
     """Where and how to connect: ``hosts`` round-robin, one per attempt; ``tls`` None for
     plain AMQP, else ``amqps`` with these settings."""
 
-    hosts: tuple[BrokerHost, ...]
+    hosts: tuple[TransportHost, ...]
     virtual_host: str
     heartbeat: float = 60.0
     tls: TLSSettings | None = None
 
-    def host(self, attempt: int) -> BrokerHost:
+    def host(self, attempt: int) -> TransportHost:
         return self.hosts[attempt % len(self.hosts)]
 
     def ssl_domain(self) -> SSLDomain:
@@ -82,13 +82,13 @@ class ConnectParams:
         TLS and what to check."""
         reason = describe_condition(cond, "transport error")
         desc = (getattr(cond, "description", None) or "") if cond is not None else ""
-        host: BrokerHost | None = getattr(conn, "tidings_host", None)
+        host: TransportHost | None = getattr(conn, "tidings_host", None)
         if self.tls is None or host is None or not desc.startswith("SSL"):
             return reason
         # "SSL Failure: error:0A000086:SSL routines::certificate verify failed" -> the words
         error = _OPENSSL_CODE.sub("", desc.removeprefix("SSL Failure:").strip())
-        text = self.tls.explain_handshake_failure(str(host), host.host, error)
-        if self.tls.verify_hostname and "verify failed" in error and _is_ip(host.host):
+        text = self.tls.explain_handshake_failure(str(host), host.hostname, error)
+        if self.tls.verify_hostname and "verify failed" in error and _is_ip(host.hostname):
             text += ("; proton never matches an IP address in the URL against the certificate "
                      "(only its DNS names and common name): put a host name it lists in the URL")
         return text
@@ -104,7 +104,7 @@ class ConnectParams:
         if self.heartbeat > 0:
             kwargs["heartbeat"] = self.heartbeat
         if self.tls is not None:  # sni: else proton would check and send "vhost:<name>"
-            kwargs.update(ssl_domain=self.ssl_domain(), sni=host.host)
+            kwargs.update(ssl_domain=self.ssl_domain(), sni=host.hostname)
         conn = loop.container.connect(f"amqp{'s' if self.tls else ''}://{host}", **kwargs)
         conn.tidings_host = host  # kept in proton's record: found again from events
         loop.connections.add(conn)
@@ -114,9 +114,9 @@ class ConnectParams:
 _OPENSSL_CODE = re.compile(r"^error:[0-9A-Fa-f]+:[^:]*::?")
 
 
-def _is_ip(host: str) -> bool:
+def _is_ip(host: str | None) -> bool:
     try:
-        return bool(ipaddress.ip_address(host))
+        return bool(ipaddress.ip_address(host or ""))
     except ValueError:
         return False
 

@@ -25,12 +25,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tidings.drivers._rabbitmq.hosts import BrokerHost
 from tidings.drivers._rabbitmq.queues import QueueModel, QueuePlan
 from tidings.drivers._rabbitmq.tls import TLSSettings, ssl_error_text
 from tidings.transports.base import Binding
 from tidings.transports.errors import InvalidTransportOption, TransportUnreachable
-from tidings.transports.url import mask_password
+from tidings.transports.url import TransportHost, mask_password
 
 __all__ = ["TOPOLOGIES", "Amqp091Topology", "QueuePlan", "Topology", "TopologySettings",
            "plan_queues"]
@@ -43,7 +42,7 @@ class TopologySettings:
     """What a topology strategy needs to reach the broker (``hosts`` in order) and shape the
     queues."""
 
-    hosts: tuple[BrokerHost, ...]
+    hosts: tuple[TransportHost, ...]
     virtual_host: str
     queues: QueueModel = field(default_factory=QueueModel)
     connect_timeout: float = 10.0
@@ -150,7 +149,7 @@ class Amqp091Topology(Topology):
             if s.tls is not None:
                 ssl_opts = s.tls.ssl_options()
                 if "server_hostname" in ssl_opts:
-                    ssl_opts["server_hostname"] = host.host  # checked, and sent as SNI
+                    ssl_opts["server_hostname"] = host.hostname  # checked, and sent as SNI
             conn = amqp.Connection(where, userid=host.username, password=host.password,
                                    virtual_host=s.virtual_host, ssl=ssl_opts,
                                    connect_timeout=s.connect_timeout, heartbeat=0)
@@ -162,7 +161,7 @@ class Amqp091Topology(Topology):
                 # Refused, dropped, or a refusal such as a missing configure permission.
                 if s.tls is not None and isinstance(exc, ssl.SSLError):
                     tls_failures += 1
-                    errors.append(s.tls.explain_handshake_failure(where, host.host,
+                    errors.append(s.tls.explain_handshake_failure(where, host.hostname,
                                                                   _describe(exc)))
                 else:
                     errors.append(f"{where}: {_describe(exc)}")

@@ -24,10 +24,9 @@ import amqp.exceptions
 import kombu
 import kombu.exceptions
 
-from tidings.drivers._rabbitmq.hosts import BrokerHost
 from tidings.drivers.rabbit.options import Settings
 from tidings.transports.errors import TransportUnreachable
-from tidings.transports.url import mask_password
+from tidings.transports.url import TransportHost, mask_password
 
 __all__ = ["LINK_ERRORS", "BufferedReader", "Link", "LinkRefused", "open_link"]
 
@@ -121,7 +120,7 @@ class BufferedReader:
 class Link:
     """An open connection and its one channel, with the frame-level calls the driver uses."""
 
-    def __init__(self, kconn: kombu.Connection, endpoint: BrokerHost) -> None:
+    def __init__(self, kconn: kombu.Connection, endpoint: TransportHost) -> None:
         self.kombu = kconn
         self.endpoint = endpoint
         self.conn: amqp.Connection = kconn.connection
@@ -231,9 +230,9 @@ def open_link(settings: Settings, start: int, purpose: str) -> tuple[Link, int]:
         if ssl_options and "server_hostname" in ssl_options:
             # Check the certificate against the host the URL names: left as None, kombu fills
             # it in only after rewriting 'localhost' to '127.0.0.1'.
-            ssl_options["server_hostname"] = ep.host
+            ssl_options["server_hostname"] = ep.hostname
         kconn = kombu.Connection(
-            hostname=ep.host, port=ep.port, userid=ep.username, password=ep.password,
+            hostname=ep.hostname, port=ep.port, userid=ep.username, password=ep.password,
             virtual_host=settings.virtual_host, ssl=ssl_options, heartbeat=settings.heartbeat,
             connect_timeout=settings.connect_timeout, transport="pyamqp",
             transport_options={"client_properties": {
@@ -260,7 +259,7 @@ def open_link(settings: Settings, start: int, purpose: str) -> tuple[Link, int]:
         f"the broker is running and reachable (connect_timeout={settings.connect_timeout:g}s)")
 
 
-def _collect(kconn: kombu.Connection, endpoint: BrokerHost) -> None:
+def _collect(kconn: kombu.Connection, endpoint: TransportHost) -> None:
     """Release a connection's socket and state without a word to the broker."""
     try:
         kconn.collect()

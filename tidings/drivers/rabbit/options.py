@@ -12,12 +12,12 @@ from typing import Any
 
 import kombu
 
-from tidings.drivers._rabbitmq.hosts import BrokerHost, broker_hosts
+from tidings.drivers._rabbitmq.hosts import broker_hosts
 from tidings.drivers._rabbitmq.queues import QUEUE_OPTIONS, QueueModel, QueuePlan, seconds
 from tidings.drivers._rabbitmq.tls import DEFAULT_TLS_PORT, TLS_OPTIONS, TLSSettings, tls_settings
 from tidings.transports.base import Capabilities, Option
 from tidings.transports.errors import InvalidTransportOption
-from tidings.transports.url import TransportURL
+from tidings.transports.url import TransportHost, TransportURL
 
 __all__ = ["BASE_CAPABILITIES", "OPTIONS", "QueuePlan", "Settings", "Topology"]
 
@@ -49,7 +49,7 @@ BASE_CAPABILITIES = Capabilities(
 class Settings:
     """Everything the driver's parts need, derived once from the URL and its options."""
 
-    endpoints: tuple[BrokerHost, ...]
+    endpoints: tuple[TransportHost, ...]
     """The URL's hosts in failover order; without credentials a host logs in as guest."""
     virtual_host: str
     heartbeat: int
