@@ -218,3 +218,40 @@ def test_worker_pool_starts_threads_on_demand_and_refuses_a_bad_size() -> None:
     assert pool.stop(WAIT)
     with pytest.raises(ValueError, match="executor_thread_pool_size"):
         WorkerPool(0, "t-bad")
+
+
+@pytest.mark.parametrize("workers", [0, 4])
+def test_wait_from_a_handler_of_the_same_consumer_is_refused(workers: int) -> None:
+    from tidings.transports.errors import ListenerLifecycleError
+
+    r = Scripted("only")
+    r.put("m0")
+    outcome: list[BaseException | None] = []
+    done = threading.Event()
+    holder: dict[str, Consumer] = {}
+
+    def handle(messages: list[IncomingMessage]) -> None:
+        try:
+            holder["c"].wait(0.1)
+            outcome.append(None)
+        except ListenerLifecycleError as exc:
+            outcome.append(exc)
+        for m in messages:
+            m.ack()
+        done.set()
+
+    holder["c"] = consumer = Consumer(lambda: r, handle, name="t-same-name", prefetch=2,
+                                      workers=workers)
+    # Another consumer with the same name: its handlers may wait for the first one.
+    other = Consumer(lambda: Scripted("other"), lambda ms: None, name="t-same-name",
+                     prefetch=1)
+    consumer.start()
+    other.start()
+    try:
+        assert done.wait(WAIT)
+        assert isinstance(outcome[0], ListenerLifecycleError)
+        assert other.wait(0.01) is False  # not refused: a different consumer
+    finally:
+        consumer.stop()
+        other.stop()
+        assert consumer.wait(WAIT) and other.wait(WAIT)

@@ -191,7 +191,8 @@ class Consumer:
         thread = self._thread
         if thread is None:
             return True
-        if thread is threading.current_thread() or _is_worker_of(self._name):
+        current = threading.current_thread()
+        if thread is current or self._executor.runs_in(current):
             raise ListenerLifecycleError("wait() called from an endpoint of the same listener "
                                          "would wait forever; call stop() only")
         thread.join(timeout)
@@ -490,6 +491,3 @@ def _close(receiver: Receiver, name: str) -> None:
     except Exception:
         LOG.exception("%s: closing the driver receiver failed", name)
 
-
-def _is_worker_of(name: str) -> bool:
-    return threading.current_thread().name.startswith(f"{name}-worker-")

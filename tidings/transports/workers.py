@@ -36,6 +36,9 @@ class Inline:
     def stop(self, timeout: float | None = None) -> bool:
         return True
 
+    def runs_in(self, thread: threading.Thread) -> bool:
+        return False
+
 
 class WorkerPool:
     """Up to ``size`` threads named ``name-N`` taking work from one queue."""
@@ -57,6 +60,10 @@ class WorkerPool:
     def threads(self) -> int:
         """How many worker threads exist now (they start on demand)."""
         return len(self._threads)
+
+    def runs_in(self, thread: threading.Thread) -> bool:
+        """Whether ``thread`` is one of this pool's workers."""
+        return thread in self._threads
 
     def submit(self, work: Work, arg: Any) -> None:
         """Queue ``work(arg)``; start a thread if none is free and the pool has room."""
