@@ -114,9 +114,13 @@ class RabbitReceiver(Receiver):
         tag = info["delivery_tag"]
         props = message.properties
         self._held[tag] = None
-        self._ready.append(IncomingMessage(message.body, props.get("message_id"),
-                                           props.get("application_headers"),
-                                           info["redelivered"], tag))
+        headers = props.get("application_headers")
+        # Quorum queues count earlier deliveries in x-delivery-count: the core's redelivery
+        # limit then holds across listeners and restarts.
+        earlier = headers.get("x-delivery-count") if isinstance(headers, dict) else None
+        self._ready.append(IncomingMessage(
+            message.body, props.get("message_id"), headers, info["redelivered"], tag,
+            earlier + 1 if isinstance(earlier, int) else None))
 
     @staticmethod
     def _on_cancel(consumer_tag: str) -> None:
