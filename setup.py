@@ -26,6 +26,8 @@ EXTRAS = {
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})  # every driver
 EXTRAS["otel"] = ["opentelemetry-api>=1.20"]  # publish/handle spans, optional
+# get_notification_transport(conf): oslo.config options; the routing notifier driver's YAML.
+EXTRAS["oslo"] = ["oslo.config>=9", "PyYAML>=5"]
 EXTRAS["metrics"] = ["prometheus_client>=0.17"]  # tidings.metrics, tidings listen --metrics-port
 EXTRAS["plot"] = ["matplotlib>=3.5"]  # tidings bench --plot
 EXTRAS["test"] = ["pytest>=7", "hypothesis>=6", "oslo.messaging>=14", "ruff",

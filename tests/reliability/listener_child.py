@@ -57,7 +57,8 @@ def main() -> int:
 
     transport = tidings.get_notification_transport(args.url)
     listener = tidings.get_notification_listener(
-        transport, [tidings.Target(args.topic, args.exchange)], [Endpoint()], pool=args.pool,
+        transport, [tidings.Target(topic=args.topic, exchange=args.exchange)], [Endpoint()],
+        pool=args.pool,
         prefetch=args.prefetch)
     listener.start()
     say("ready")

@@ -100,7 +100,7 @@ def broker_restart(node: RabbitNode, vhost: str, driver: Driver, figures: Figure
         try:
             assert transport.capabilities.durable
             listener = tidings.get_notification_listener(
-                transport, [Target(topic, exchange)], [endpoint])
+                transport, [Target(topic=topic, exchange=exchange)], [endpoint])
             with started(listener):
                 notifier = tidings.Notifier(transport, "reliability", topics=[topic],
                                             retry=None, raise_on_failure=True,
@@ -150,7 +150,7 @@ def refused_retry_rules(node: RabbitNode, vhost: str, driver: Driver,
                                "&reconnect_max_interval=0.5&retry_interval=0.05"
                                "&retry_max_interval=0.2&send_timeout=3"))
         try:
-            listener = tidings.get_notification_listener(transport, [Target(topic)],
+            listener = tidings.get_notification_listener(transport, [Target(topic=topic)],
                                                          [endpoint])
             with started(listener), \
                     LogWatch(driver.reconnect_logger, driver.reconnect_needle) as reconnected:
@@ -219,7 +219,7 @@ def repeated_resets(node: RabbitNode, vhost: str, driver: Driver, figures: Figur
         transport = tidings.get_notification_transport(driver.url(
             proxy.port, vhost, f"prefetch={prefetch}&send_timeout=5&{FAST}"))
         try:
-            listener = tidings.get_notification_listener(transport, [Target(topic)],
+            listener = tidings.get_notification_listener(transport, [Target(topic=topic)],
                                                          [endpoint])
             with started(listener):
                 notifier = tidings.Notifier(transport, "reliability", topics=[topic],
@@ -272,7 +272,7 @@ def pool_member_sigkilled(node: RabbitNode, vhost: str, driver: Driver, figures:
     try:
         victim.wait_ready()
         listener = tidings.get_notification_listener(
-            transport, [Target(topic)], [survivor], pool=pool, prefetch=prefetch)
+            transport, [Target(topic=topic)], [survivor], pool=pool, prefetch=prefetch)
         with started(listener):
             notifier = tidings.Notifier(transport, "reliability", topics=[topic],
                                         retry=None, raise_on_failure=True)
@@ -373,8 +373,11 @@ def slow_consumer_backlog(node: RabbitNode, vhost: str, driver: Driver, figures:
         baseline = rss_bytes()
         samples: list[tuple[int, int, int]] = []  # (core in flight, driver held, rss)
         stop_sampling = threading.Event()
-        listener = tidings.get_notification_listener(transport, [Target(topic)],
-                                                     [endpoint], prefetch=prefetch)
+        # Blocking: one message at a time is a slow consumer (worker threads would run the
+        # whole window of 2 ms endpoints at once and drain the backlog in a second).
+        listener = tidings.get_notification_listener(transport, [Target(topic=topic)],
+                                                     [endpoint], prefetch=prefetch,
+                                                     executor="blocking")
 
         def sample() -> None:
             while not stop_sampling.wait(0.02):

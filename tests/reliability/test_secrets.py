@@ -114,7 +114,7 @@ def _round_trip(capture: Capture, url: str) -> None:
     log = DeliveryLog()
     transport = tidings.get_notification_transport(url)
     try:
-        listener = tidings.get_notification_listener(transport, [Target(topic)],
+        listener = tidings.get_notification_listener(transport, [Target(topic=topic)],
                                                      [Recorder(log)])
         notifier = tidings.Notifier(transport, "secrets", topics=[topic], retry=3,
                                     raise_on_failure=True)

@@ -58,7 +58,7 @@ def _stop(listener: tidings.NotificationListener) -> None:
 
 def test_every_priority_reaches_its_method(transport: tidings.Transport) -> None:
     rec = Recorder()
-    listener = tidings.get_notification_listener(transport, [Target("notifications")], [rec])
+    listener = tidings.get_notification_listener(transport, [Target(topic="notifications")], [rec])
     listener.start()
     notifier = tidings.Notifier(transport, "compute.host1")
     for prio in PRIORITIES:
@@ -84,7 +84,7 @@ def test_only_endpoint_priorities_are_consumed(transport: tidings.Transport) -> 
             self.got.set()
 
     ep = InfoOnly()
-    listener = tidings.get_notification_listener(transport, [Target("n")], [ep])
+    listener = tidings.get_notification_listener(transport, [Target(topic="n")], [ep])
     assert [b.routing_key for b in listener.bindings] == ["n.info"]
     listener.start()
     notifier = tidings.Notifier(transport, "p", topics=["n"])
@@ -100,7 +100,7 @@ def test_filters_select_by_regex(transport: tidings.Transport) -> None:
         context={"tenant": "^t1$"}, payload={"state": "^active$"}))
     everything = Recorder()
     listener = tidings.get_notification_listener(
-        transport, [Target("notifications")], [compute, everything])
+        transport, [Target(topic="notifications")], [compute, everything])
     listener.start()
     n = tidings.Notifier(transport, "compute.h1")
     n.info({"tenant": "t1"}, "instance.create", {"state": "active"})   # matches
@@ -129,7 +129,7 @@ def test_filter_unit_semantics() -> None:
 def test_requeue_result_requeues_when_allowed(transport: tidings.Transport) -> None:
     # First delivery asks for a requeue, the second handles it.
     rec = Recorder(result=lambda n: NotificationResult.REQUEUE if n == 1 else None)
-    listener = tidings.get_notification_listener(transport, [Target("t")], [rec],
+    listener = tidings.get_notification_listener(transport, [Target(topic="t")], [rec],
                                                  allow_requeue=True)
     listener.start()
     tidings.Notifier(transport, "p", topics=["t"]).info({}, "e", {"k": 1})
@@ -142,7 +142,7 @@ def test_requeue_result_requeues_when_allowed(transport: tidings.Transport) -> N
 
 def test_exception_requeues_when_allowed(transport: tidings.Transport) -> None:
     rec = Recorder(exc=RuntimeError("boom"))
-    listener = tidings.get_notification_listener(transport, [Target("t")], [rec],
+    listener = tidings.get_notification_listener(transport, [Target(topic="t")], [rec],
                                                  allow_requeue=True)
     listener.start()
     tidings.Notifier(transport, "p", topics=["t"]).info({}, "e", {})
@@ -156,7 +156,7 @@ def test_failure_without_requeue_is_logged_and_rejected(
         transport: tidings.Transport, caplog: pytest.LogCaptureFixture, kind: str) -> None:
     rec = Recorder(result=NotificationResult.REQUEUE) if kind == "requeue" \
         else Recorder(exc=ValueError("bad"))
-    listener = tidings.get_notification_listener(transport, [Target("t")], [rec])
+    listener = tidings.get_notification_listener(transport, [Target(topic="t")], [rec])
     listener.start()
     with caplog.at_level(logging.ERROR):
         tidings.Notifier(transport, "p", topics=["t"]).info({}, "e", {})
@@ -168,7 +168,7 @@ def test_failure_without_requeue_is_logged_and_rejected(
     assert stats["rejected"] == 1 and stats["acknowledged"] == 0 and stats["in_flight"] == 0
     # Rejected, not silently requeued: a new listener does not get it again.
     again = Recorder()
-    second = tidings.get_notification_listener(transport, [Target("t")], [again])
+    second = tidings.get_notification_listener(transport, [Target(topic="t")], [again])
     second.start()
     tidings.Notifier(transport, "p", topics=["t"]).info({}, "marker", {})
     assert again.wait_for(1)
@@ -195,13 +195,13 @@ def test_dispatcher_needs_priority_methods() -> None:
 def test_malformed_bodies_are_rejected_and_listening_goes_on(
         transport: tidings.Transport, caplog: pytest.LogCaptureFixture) -> None:
     rec = Recorder()
-    listener = tidings.get_notification_listener(transport, [Target("t")], [rec])
+    listener = tidings.get_notification_listener(transport, [Target(topic="t")], [rec])
     listener.start()
     bad = [b"not json", b"\xff\xfe", b"[1, 2]", b'{"oslo.version": "3.0", "oslo.message": "{}"}',
            b'{"oslo.version": "2.0", "oslo.message": 5}', b'{"no": "priority"}']
     with caplog.at_level(logging.ERROR):
         for i, body in enumerate(bad):
-            transport.send_raw(Target("t.info"), body, message_id=f"bad-{i}")
+            transport.send_raw(Target(topic="t.info"), body, message_id=f"bad-{i}")
         tidings.Notifier(transport, "p", topics=["t"]).info({}, "good", {})
         assert rec.wait_for(1)
         _stop(listener)
@@ -220,7 +220,7 @@ def test_serializer_applies_to_payload_and_context(transport: tidings.Transport)
             return {**ctxt, "seen": True}
 
     rec = Recorder()
-    listener = tidings.get_notification_listener(transport, [Target("t")], [rec],
+    listener = tidings.get_notification_listener(transport, [Target(topic="t")], [rec],
                                                  serializer=Upper())
     listener.start()
     tidings.Notifier(transport, "p", topics=["t"]).info({"a": 1}, "e", {"k": 1})
@@ -242,7 +242,7 @@ def test_context_objects_use_redacted_copy_and_to_dict(transport: tidings.Transp
             return {"user": "u", "auth_token": self.secret}
 
     rec = Recorder()
-    listener = tidings.get_notification_listener(transport, [Target("t")], [rec])
+    listener = tidings.get_notification_listener(transport, [Target(topic="t")], [rec])
     listener.start()
     tidings.Notifier(transport, "p", topics=["t"]).info(Ctx(), "e", {})
     assert rec.wait_for(1)
@@ -252,9 +252,10 @@ def test_context_objects_use_redacted_copy_and_to_dict(transport: tidings.Transp
 
 def test_log_and_noop_notifier_drivers(transport: tidings.Transport,
                                        caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="tidings.notification"):
+    with caplog.at_level(logging.INFO, logger="oslo.messaging.notification"):
         tidings.Notifier(transport, "p", driver="log").info({}, "compute.start", {"x": 1})
-    assert any(r.name == "tidings.notification.compute.start" for r in caplog.records)
+    assert any(r.name == "oslo.messaging.notification.compute.start"
+               for r in caplog.records)
     noop = tidings.Notifier(transport, "p", driver="noop")
     assert not noop.is_enabled()
     noop.info({}, "e", {})

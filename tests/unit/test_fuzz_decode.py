@@ -96,7 +96,7 @@ TRANSPORT = tidings.get_notification_transport("memory:///fuzz?max_message_size=
 def test_any_body_is_settled_exactly_once_and_never_raises(body: bytes) -> None:
     endpoint = Everything()
     filtered = Filtered()
-    listener = NotificationListener(TRANSPORT, [Target("f")],
+    listener = NotificationListener(TRANSPORT, [Target(topic="f")],
                                     NotificationDispatcher([filtered, endpoint]))
     msg = FakeMessage(body, message_id="fuzz-1")
     listener._handle([msg])  # must not raise, whatever the body
@@ -123,7 +123,7 @@ def test_bad_messages_between_good_ones_on_a_running_listener(
             if payload == "last":
                 done.set()
 
-    listener = tidings.get_notification_listener(transport, [Target("f")], [Endpoint()])
+    listener = tidings.get_notification_listener(transport, [Target(topic="f")], [Endpoint()])
     listener.start()
     notifier = tidings.Notifier(transport, "p", topics=["f"])
     bad = [b"\xff", b"{", b"[]", b"[" * 30_000 + b"]" * 30_000, _enveloped({}, "9.9"),
@@ -131,7 +131,7 @@ def test_bad_messages_between_good_ones_on_a_running_listener(
     with caplog.at_level(logging.ERROR):
         for i, body in enumerate(bad):
             notifier.info({}, "e", f"good-{i}")
-            lenient.send_raw(Target("f.info"), body, message_id=f"bad-{i}")
+            lenient.send_raw(Target(topic="f.info"), body, message_id=f"bad-{i}")
         notifier.info({}, "e", "last")
         assert done.wait(10)
         listener.stop()
@@ -147,4 +147,4 @@ def test_bad_messages_between_good_ones_on_a_running_listener(
 def test_oversized_send_is_refused() -> None:
     transport = tidings.get_notification_transport("memory:///fuzz-big?max_message_size=1024")
     with pytest.raises(tidings.MessageTooLarge, match="max_message_size=1024"):
-        transport.send_raw(Target("f.info"), b"x" * 2048, message_id="big")
+        transport.send_raw(Target(topic="f.info"), b"x" * 2048, message_id="big")

@@ -43,7 +43,7 @@ def test_batches_of_100_100_and_5(transport: tidings.Transport) -> None:
         n.info({}, "e", {"i": i})
     rec = BatchRecorder()
     listener = tidings.get_batch_notification_listener(
-        transport, [Target("b")], [rec], batch_size=100, batch_timeout=0.5)
+        transport, [Target(topic="b")], [rec], batch_size=100, batch_timeout=0.5)
     listener.start()
     assert rec.wait_total(205)
     listener.stop()
@@ -57,7 +57,7 @@ def test_batches_of_100_100_and_5(transport: tidings.Transport) -> None:
 def test_batch_timeout_flushes_a_partial_batch(transport: tidings.Transport) -> None:
     rec = BatchRecorder()
     listener = tidings.get_batch_notification_listener(
-        transport, [Target("b")], [rec], batch_size=1000, batch_timeout=0.2)
+        transport, [Target(topic="b")], [rec], batch_size=1000, batch_timeout=0.2)
     listener.start()
     n = tidings.Notifier(transport, "p", topics=["b"])
     for i in range(3):
@@ -71,7 +71,7 @@ def test_batch_timeout_flushes_a_partial_batch(transport: tidings.Transport) -> 
 def test_batch_requeue(transport: tidings.Transport) -> None:
     rec = BatchRecorder(result=NotificationResult.REQUEUE)
     listener = tidings.get_batch_notification_listener(
-        transport, [Target("b")], [rec], batch_size=2, batch_timeout=0.1, allow_requeue=True)
+        transport, [Target(topic="b")], [rec], batch_size=2, batch_timeout=0.1, allow_requeue=True)
     listener.start()
     tidings.Notifier(transport, "p", topics=["b"]).info({}, "e", {})
     assert rec.wait_total(2)  # the same message, delivered twice
@@ -83,10 +83,10 @@ def test_batch_requeue(transport: tidings.Transport) -> None:
 
 def test_bad_batch_arguments(transport: tidings.Transport) -> None:
     with pytest.raises(ValueError, match="batch_size"):
-        tidings.get_batch_notification_listener(transport, [Target("b")], [BatchRecorder()],
+        tidings.get_batch_notification_listener(transport, [Target(topic="b")], [BatchRecorder()],
                                                 batch_size=0)
     with pytest.raises(ValueError, match="batch_timeout"):
-        tidings.get_batch_notification_listener(transport, [Target("b")], [BatchRecorder()],
+        tidings.get_batch_notification_listener(transport, [Target(topic="b")], [BatchRecorder()],
                                                 batch_size=2, batch_timeout=-1)
 
 
@@ -110,7 +110,7 @@ class Counting:
 
 def test_lifecycle(transport: tidings.Transport) -> None:
     ep = Counting()
-    listener = tidings.get_notification_listener(transport, [Target("l")], [ep])
+    listener = tidings.get_notification_listener(transport, [Target(topic="l")], [ep])
     listener.stop()  # stop before start: nothing to do
     assert listener.wait(0.1)
     listener.start()
@@ -142,7 +142,7 @@ def test_stop_with_messages_in_flight_loses_nothing(transport: tidings.Transport
             release.wait(WAIT)
             handled.append(payload["id"])
 
-    listener = tidings.get_notification_listener(transport, [Target("s")], [Slow()],
+    listener = tidings.get_notification_listener(transport, [Target(topic="s")], [Slow()],
                                                  prefetch=10)
     listener.start()
     n = tidings.Notifier(transport, "p", topics=["s"])
@@ -155,7 +155,7 @@ def test_stop_with_messages_in_flight_loses_nothing(transport: tidings.Transport
     stats = listener.stats.snapshot()
     assert stats["acknowledged"] == len(handled)
     rest = Counting()
-    second = tidings.get_notification_listener(transport, [Target("s")], [rest])
+    second = tidings.get_notification_listener(transport, [Target(topic="s")], [rest])
     second.start()
     assert rest.wait_count(10 - len(handled))
     second.stop()
@@ -165,7 +165,7 @@ def test_stop_with_messages_in_flight_loses_nothing(transport: tidings.Transport
 
 def test_executor_must_be_known(transport: tidings.Transport) -> None:
     with pytest.raises(ValueError, match="eventlet is not supported"):
-        tidings.get_notification_listener(transport, [Target("t")], [Counting()],
+        tidings.get_notification_listener(transport, [Target(topic="t")], [Counting()],
                                           executor="eventlet")
 
 
@@ -175,8 +175,8 @@ def _start(transport: tidings.Transport, pool: str | None, n: int, topic: str = 
            prefetch: int | None = None) -> tuple[list[tidings.NotificationListener],
                                                  list[Counting]]:
     eps = [Counting() for _ in range(n)]
-    listeners = [tidings.get_notification_listener(transport, [Target(topic)], [ep], pool=pool,
-                                                   prefetch=prefetch)
+    listeners = [tidings.get_notification_listener(transport, [Target(topic=topic)], [ep],
+                                                   pool=pool, prefetch=prefetch)
                  for ep in eps]
     for listener in listeners:
         listener.start()
@@ -218,8 +218,8 @@ def test_group_and_pools_split_and_copy(transport: tidings.Transport) -> None:
 
 def test_exchanges_are_isolated(transport: tidings.Transport) -> None:
     ep_a, ep_b = Counting(), Counting()
-    la = tidings.get_notification_listener(transport, [Target("x", exchange="a")], [ep_a])
-    lb = tidings.get_notification_listener(transport, [Target("x", exchange="b")], [ep_b],
+    la = tidings.get_notification_listener(transport, [Target(topic="x", exchange="a")], [ep_a])
+    lb = tidings.get_notification_listener(transport, [Target(topic="x", exchange="b")], [ep_b],
                                            pool="same")
     la.start()
     lb.start()

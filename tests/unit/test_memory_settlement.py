@@ -127,7 +127,7 @@ def test_a_running_listener_acks_everything_once(transport: tidings.Transport) -
                 self.done.set()
 
     counter = Counter()
-    listener = tidings.get_notification_listener(transport, [Target("s")], [counter],
+    listener = tidings.get_notification_listener(transport, [Target(topic="s")], [counter],
                                                  prefetch=8)
     listener.start()
     _send(transport, 500)

@@ -65,7 +65,7 @@ class CollectBatch(Collect):
 def test_a_poison_signed_message_is_rejected_alone(kind: str) -> None:
     keys = tidings.SigningKeys({"k1": SECRET}, active="k1", require=True)
     transport = tidings.get_notification_transport(_url(), signing=keys)
-    target = tidings.Target("t")
+    target = tidings.Target(topic="t")
     got = CollectBatch(60) if kind == "batch" else Collect(60)
     if kind == "listener":
         consumer: Any = tidings.get_notification_listener(transport, [target], [got])
@@ -80,7 +80,7 @@ def test_a_poison_signed_message_is_rejected_alone(kind: str) -> None:
         else:
             consumer = transport.join_consumer_pool(lambda m: got.add(m["payload"]["i"]),
                                                     "audit", "t.info")
-        transport.send_raw(tidings.Target("t.info"), _poison_signed_body(),
+        transport.send_raw(tidings.Target(topic="t.info"), _poison_signed_body(),
                            message_id="amqp-prop-1")
         notifier = tidings.Notifier(transport, "p", topics=["t"])
         for i in range(60):
@@ -113,7 +113,7 @@ def test_always_failing_messages_are_retried_boundedly_and_good_ones_flow() -> N
                 raise RuntimeError("always fails")
             good.add(payload["i"])
 
-    listener = tidings.get_notification_listener(transport, [tidings.Target("t")],
+    listener = tidings.get_notification_listener(transport, [tidings.Target(topic="t")],
                                                  [Endpoint()], allow_requeue=True)
     notifier = tidings.Notifier(transport, "p", topics=["t"])
     for i in range(64):
@@ -141,14 +141,14 @@ def test_always_failing_messages_are_retried_boundedly_and_good_ones_flow() -> N
 def test_a_priority_no_endpoint_handles_is_rejected_not_requeued(priority: str) -> None:
     transport = tidings.get_notification_transport(_url())
     good = Collect(1)
-    listener = tidings.get_notification_listener(transport, [tidings.Target("t")], [good],
+    listener = tidings.get_notification_listener(transport, [tidings.Target(topic="t")], [good],
                                                  allow_requeue=True)
     listener.start()
     try:
         body = encode({"message_id": "odd-1", "publisher_id": "p", "event_type": "e",
                        "priority": priority, "payload": {"i": -1},
                        "timestamp": "2026-01-01 00:00:00.000000"})
-        transport.send_raw(tidings.Target("t.info"), body, message_id="odd-1")
+        transport.send_raw(tidings.Target(topic="t.info"), body, message_id="odd-1")
         tidings.Notifier(transport, "p", topics=["t"]).info({}, "e", {"i": 1})
         assert good.done.wait(WAIT)
     finally:

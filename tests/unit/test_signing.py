@@ -44,7 +44,7 @@ def _pair(sender_keys: SigningKeys | None, listener_keys: SigningKeys | None
 def _consume(transport: tidings.Transport, sends: list[tuple[tidings.Transport, str]],
              expect: int) -> list[str]:
     ep = Collect()
-    listener = tidings.get_notification_listener(transport, [Target("s")], [ep])
+    listener = tidings.get_notification_listener(transport, [Target(topic="s")], [ep])
     listener.start()
     for sender, event in sends:
         tidings.Notifier(sender, "p", topics=["s"]).info({}, event, {})
@@ -68,7 +68,7 @@ def test_required_signatures_reject_unsigned_tampered_and_unknown(
     # The closing "end" notification is unsigned, so it is rejected too: count rejections.
     with caplog.at_level(logging.ERROR):
         ep = Collect()
-        listener = tidings.get_notification_listener(listening, [Target("s")], [ep])
+        listener = tidings.get_notification_listener(listening, [Target(topic="s")], [ep])
         listener.start()
         for sender, event in [(unsigned, "unsigned"), (stranger, "unknown-key"),
                               (forger, "tampered"), (signed, "good")]:
@@ -88,7 +88,7 @@ def test_rotation_accepts_old_and_new_keys() -> None:
     new_sender = tidings.get_notification_transport(
         old_sender.url, signing=SigningKeys({"new": NEW}, active="new"))
     ep = Collect()
-    listener = tidings.get_notification_listener(listening, [Target("s")], [ep])
+    listener = tidings.get_notification_listener(listening, [Target(topic="s")], [ep])
     listener.start()
     tidings.Notifier(old_sender, "p", topics=["s"]).info({}, "a", {})
     tidings.Notifier(new_sender, "p", topics=["s"]).info({}, "b", {})

@@ -1,6 +1,7 @@
-"""The TLS URL options shared by rabbit:// and amqp:// (tidings.drivers._rabbitmq.tls): declared once,
-checked once, the same names and meaning in both drivers, and the advice a failed handshake gets.
-No broker: the drivers do not connect when they are built (tests/reliability has the handshakes).
+"""The TLS URL options shared by rabbit:// and amqp:// (tidings.drivers._rabbitmq.tls):
+declared once, checked once, the same names and meaning in both drivers, and the advice a failed
+handshake gets. No broker: the drivers do not connect when they are built (tests/reliability
+has the handshakes).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from typing import Any
 import pytest
 
 import tidings
+from tidings.drivers._rabbitmq.tls import TLS_OPTIONS, TLSSettings, tls_settings
 from tidings.drivers.amqp1 import AMQP1Driver
 from tidings.drivers.rabbit.options import OPTIONS as RABBIT_OPTIONS
 from tidings.drivers.rabbit.options import Settings
 from tidings.transports.errors import InvalidTransportOption
-from tidings.drivers._rabbitmq.tls import TLS_OPTIONS, TLSSettings, tls_settings
 from tidings.transports.url import TransportURL
 
 NAMES = ("ssl", "ssl_ca_file", "ssl_cert_file", "ssl_key_file", "ssl_verify_hostname")

@@ -32,7 +32,7 @@ def test_given_traceparent_reaches_the_endpoint_unchanged() -> None:
     tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     transport = tidings.get_notification_transport(f"memory:///{uuid.uuid4().hex}")
     ep = Capture()
-    listener = tidings.get_notification_listener(transport, [Target("tr")], [ep])
+    listener = tidings.get_notification_listener(transport, [Target(topic="tr")], [ep])
     listener.start()
     tidings.Notifier(transport, "p", topics=["tr"]).info({"traceparent": tp, "u": 1}, "e", {})
     assert ep.got.acquire(timeout=5)
@@ -62,7 +62,7 @@ SCRIPT = textwrap.dedent("""
             seen.append(ctxt)
             got.set()
 
-    listener = tidings.get_notification_listener(transport, [tidings.Target("tr")],
+    listener = tidings.get_notification_listener(transport, [tidings.Target(topic="tr")],
                                                  [Endpoint()])
     listener.start()
     with trace.get_tracer("test").start_as_current_span("request") as request:

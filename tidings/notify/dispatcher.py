@@ -105,9 +105,21 @@ class NotificationDispatcher:
         return NotificationResult.HANDLED
 
 
+def _batch_item(note: Notification) -> dict[str, Any]:
+    """What a batch endpoint gets for one notification: oslo.messaging's dict (ctxt,
+    publisher_id, event_type, payload, metadata; the priority is the method's name)."""
+    return {"ctxt": note.ctxt, "publisher_id": note.publisher_id,
+            "event_type": note.event_type, "payload": note.payload,
+            "metadata": note.metadata}
+
+
 class BatchNotificationDispatcher(NotificationDispatcher):
     """Call endpoint methods with lists: the batch's notifications of that priority that pass
-    the endpoint's filter. A REQUEUE or exception marks that priority's messages of the batch."""
+    the endpoint's filter. A REQUEUE or exception marks that priority's messages of the batch.
+
+    As in oslo.messaging, the priorities of a batch are handled in alphabetical order (audit,
+    critical, debug, error, info, sample, warn), each priority's notifications in arrival
+    order."""
 
     def dispatch_batch(self, notes: Iterable[tuple[Any, Notification]]) -> dict[Any, str]:
         """Take (key, notification) pairs; return key -> NotificationResult for each."""
@@ -115,13 +127,13 @@ class BatchNotificationDispatcher(NotificationDispatcher):
         by_priority: dict[str, list[tuple[Any, Notification]]] = {}
         for key, note in notes:
             by_priority.setdefault(note.priority, []).append((key, note))
-        for priority, items in by_priority.items():
+        for priority, items in sorted(by_priority.items(), key=lambda kv: kv[0]):
             verdict = NotificationResult.HANDLED
             callbacks = self._callbacks.get(priority)
             if callbacks is None:
                 verdict = NotificationResult.UNHANDLED
             for rule, method, name in callbacks or ():
-                chosen = [n.as_dict() for _, n in items if self._matches(rule, n)]
+                chosen = [_batch_item(n) for _, n in items if self._matches(rule, n)]
                 if not chosen:
                     continue
                 try:

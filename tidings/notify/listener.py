@@ -26,6 +26,7 @@ from tidings.notify.dispatcher import (
     NotificationResult,
 )
 from tidings.notify.executors import DEFAULT_POOL_SIZE, workers_for
+from tidings.transports import conf as options
 from tidings.transports.base import Binding, IncomingMessage
 from tidings.transports.envelope import Notification
 from tidings.transports.transport import Target, Transport
@@ -78,6 +79,9 @@ class NotificationListener:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until stopped and closed; False if ``timeout`` passed first."""
         return self._loop.wait(timeout)
+
+    def reset(self) -> None:
+        """oslo.messaging's hook for a SIGHUP'd daemon; there as here, it does nothing."""
 
     @property
     def running(self) -> bool:
@@ -186,14 +190,25 @@ class NotificationListener:
                          note.metadata.get("message_id") or msg.message_id)
 
 
+def _pool_size(transport: Transport, pool_size: int | None) -> int:
+    """The worker pool's size: as given, else ``[DEFAULT] executor_thread_pool_size`` of the
+    transport's ConfigOpts (oslo.messaging reads it there), else 64."""
+    if pool_size is not None:
+        return pool_size
+    conf = getattr(transport, "conf", None)
+    return options.pool_size(conf) if conf is not None else DEFAULT_POOL_SIZE
+
+
 def _build(transport: Transport, targets: Sequence[Target], dispatcher: NotificationDispatcher,
-           executor: str | None, allow_requeue: bool, pool: str | None, pool_size: int,
-           **kw: Any) -> NotificationListener:
-    workers = workers_for(executor, pool_size)
+           executor: str | None, allow_requeue: bool, pool: str | None,
+           pool_size: int | None, **kw: Any) -> NotificationListener:
+    workers = workers_for(executor, _pool_size(transport, pool_size))
     if isinstance(targets, Target):
         targets = [targets]
     if not targets or not all(isinstance(t, Target) for t in targets):
         raise ValueError("targets must be a non-empty list of tidings.Target")
+    for target in targets:  # oslo.messaging's check and message, when the listener is built
+        target.require_topic("A target must have topic specified")
     if pool is not None and (not isinstance(pool, str) or not pool):
         raise ValueError(f"pool must be a non-empty string or None, not {pool!r}")
     # Checked now, when the listener is built, not at start() (oslo.messaging's way).
@@ -208,13 +223,15 @@ def get_notification_listener(transport: Transport, targets: Sequence[Target],
                               serializer: Any = None, allow_requeue: bool = False,
                               pool: str | None = None, *,
                               prefetch: int | None = None,
-                              executor_thread_pool_size: int = DEFAULT_POOL_SIZE,
+                              executor_thread_pool_size: int | None = None,
                               ) -> NotificationListener:
     """Build a listener that calls ``endpoints`` once per notification.
 
-    ``executor="threading"`` (the default; None means the same) runs endpoints on up to
-    ``executor_thread_pool_size`` threads at once, each message settled right after its own
-    endpoints returned; never more than ``prefetch`` are in flight. ``executor="blocking"``
+    ``executor="threading"`` (the default; None means the same, ``"eventlet"`` is refused
+    with a ValueError saying so) runs endpoints on up to ``executor_thread_pool_size`` threads
+    at once (default: ``[DEFAULT] executor_thread_pool_size`` of a transport built from a
+    ConfigOpts, else 64), each message settled right after its own endpoints returned; never
+    more than ``prefetch`` are in flight. ``executor="blocking"``
     runs them one at a time, in arrival order, on the listener's own thread.
     Raises NotImplementedError here if ``pool`` or ``allow_requeue=True`` is asked of a driver
     that lacks it. ``prefetch`` overrides the transport's bound on unacknowledged messages.
@@ -229,18 +246,25 @@ def get_batch_notification_listener(transport: Transport, targets: Sequence[Targ
                                     pool: str | None = None, batch_size: int | None = None,
                                     batch_timeout: float | None = None, *,
                                     prefetch: int | None = None,
-                                    executor_thread_pool_size: int = DEFAULT_POOL_SIZE,
+                                    executor_thread_pool_size: int | None = None,
                                     ) -> NotificationListener:
     """Build a listener that calls endpoints with lists of up to ``batch_size`` notifications,
     flushing a partial batch after ``batch_timeout`` seconds.
 
     The transport's prefetch is raised to ``batch_size`` when smaller, since a batch can only
-    fill from messages the broker has handed over.
+    fill from messages the broker has handed over. ``batch_size=None`` with a
+    ``batch_timeout`` collects what arrives within the timeout, up to the prefetch (memory
+    stays bounded; oslo.messaging collects without a bound). With both None each
+    notification is delivered at once as a batch of one (oslo.messaging delivers nothing until
+    ``stop()``). Notifications collected but not yet handed to an endpoint when the listener
+    stops go back to the broker (oslo.messaging hands them to the endpoints while stopping).
     """
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer or None")
     if prefetch is None and batch_size is not None:
         prefetch = max(batch_size, transport.options["prefetch"])
+    if batch_size is None and batch_timeout is not None:
+        batch_size = transport._prefetch(prefetch)
     return _build(transport, targets, BatchNotificationDispatcher(endpoints, serializer),
                   executor, allow_requeue, pool, executor_thread_pool_size,
                   batch_size=batch_size,

@@ -1,10 +1,17 @@
-"""Serializers turn application objects into JSON-able data and back, as in oslo.messaging."""
+"""Serializers turn application objects into JSON-able data and back, as in oslo.messaging.
+
+The notifier calls ``serialize_entity(ctxt, payload)`` and ``serialize_context(ctxt)`` (with the
+context already made safe to send, see tidings.notify.notifier); what ``serialize_context``
+returns is packed into the message as a dict, or through its ``to_dict()``. Listeners call
+``deserialize_context`` and ``deserialize_entity`` before endpoints see a notification.
+"""
 
 from __future__ import annotations
 
 import abc
-import json
 from typing import Any
+
+from tidings.transports.envelope import to_primitive
 
 __all__ = ["JsonPayloadSerializer", "NoOpSerializer", "Serializer"]
 
@@ -19,14 +26,15 @@ class Serializer(abc.ABC):
     def deserialize_entity(self, ctxt: Any, entity: Any) -> Any: ...
 
     @abc.abstractmethod
-    def serialize_context(self, ctxt: Any) -> dict[str, Any]: ...
+    def serialize_context(self, ctxt: Any) -> Any: ...
 
     @abc.abstractmethod
-    def deserialize_context(self, ctxt: dict[str, Any]) -> Any: ...
+    def deserialize_context(self, ctxt: Any) -> Any: ...
 
 
 class NoOpSerializer(Serializer):
-    """Pass everything through; a context object is turned into a dict via ``to_dict()``."""
+    """Pass everything through (oslo.messaging's: a context object is packed through its
+    ``to_dict()``)."""
 
     def serialize_entity(self, ctxt: Any, entity: Any) -> Any:
         return entity
@@ -34,23 +42,17 @@ class NoOpSerializer(Serializer):
     def deserialize_entity(self, ctxt: Any, entity: Any) -> Any:
         return entity
 
-    def serialize_context(self, ctxt: Any) -> dict[str, Any]:
-        if ctxt is None:
-            return {}
-        if isinstance(ctxt, dict):
-            return ctxt
-        to_dict = getattr(ctxt, "to_dict", None)
-        if callable(to_dict):
-            return dict(to_dict())
-        raise TypeError(f"cannot send a context of type {type(ctxt).__name__}: pass a dict, an "
-                        f"object with to_dict(), or a serializer that converts it")
+    def serialize_context(self, ctxt: Any) -> Any:
+        return ctxt
 
-    def deserialize_context(self, ctxt: dict[str, Any]) -> Any:
+    def deserialize_context(self, ctxt: Any) -> Any:
         return ctxt
 
 
 class JsonPayloadSerializer(NoOpSerializer):
-    """Make payloads JSON-safe on the way out (datetimes and other objects become strings)."""
+    """Make payloads JSON-safe on the way out, with oslo.messaging's rules
+    (``jsonutils.to_primitive(entity, convert_instances=True)``)."""
 
-    def serialize_entity(self, ctxt: Any, entity: Any) -> Any:
-        return json.loads(json.dumps(entity, default=str))
+    @staticmethod
+    def serialize_entity(context: Any, entity: Any) -> Any:
+        return to_primitive(entity, convert_instances=True)

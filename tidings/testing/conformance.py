@@ -510,7 +510,7 @@ class DriverConformance:
             n.info({}, "conformance.in-flight", {"key": k})
         assert first.wait(h.timeout), "the first listener did not stop"
         acked_first = log.acked_ids()
-        assert len(acked_first) == 5, f"the first listener handled {sorted(acked_first)}"
+        assert len(acked_first) == 5, f"the first listener handled {sorted(map(str, acked_first))}"
 
         def record(r: Received) -> None:
             log.delivered(r.key)

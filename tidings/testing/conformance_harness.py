@@ -312,7 +312,7 @@ class Harness:
         return self._transports[0]
 
     def target(self, topic: str | None = None, exchange: str | None = None) -> Target:
-        return Target(topic or self.topic, exchange)
+        return Target(topic=topic or self.topic, exchange=exchange)
 
     def notifier(self, transport: Transport | None = None, *, topics: Sequence[str] | None = None,
                  exchange: str | None = None, publisher_id: str = "conformance.host",
@@ -416,7 +416,8 @@ class Harness:
             got.extend(listener.poll(min(0.2, left)))
         return got
 
-    def poll_quiet(self, listener: RawListener, window: float | None = None) -> list[IncomingMessage]:
+    def poll_quiet(self, listener: RawListener,
+                   window: float | None = None) -> list[IncomingMessage]:
         """Everything that arrives within ``window`` seconds (expected: nothing)."""
         got: list[IncomingMessage] = []
         deadline = time.monotonic() + (self.quiet if window is None else window)

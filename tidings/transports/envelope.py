@@ -9,12 +9,27 @@ consume (and feed) real OpenStack notification streams. A notification message i
 
 ``messaging`` (v1) sends that object as the body; ``messagingv2`` wraps it as
 ``{"oslo.version": "2.0", "oslo.message": "<the object as a JSON string>"}``.
+
+Values JSON cannot carry are written as oslo.messaging writes them on RabbitMQ: in v2 as
+``jsonutils.to_primitive`` converts them (a datetime becomes ``2024-01-02T03:04:05.123456``); in
+v1 as kombu's JSON marks them (``{"__type__": "datetime", "__value__": "2024-01-02T03:04:05"}``),
+which decoding turns back into the value, as oslo.messaging's listeners do.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import datetime
+import decimal
+import functools
+import inspect
+import io
+import itertools
 import json
-from collections.abc import Mapping
+import sys
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +37,146 @@ from tidings.transports.errors import MalformedMessage
 from tidings.transports.signing import SIGNATURE_KEY, SigningKeys
 
 __all__ = ["CONTEXT_PREFIX", "Notification", "context_of", "decode", "decode_envelope", "encode",
-           "pack_context", "unpack_context"]
+           "pack_context", "to_primitive", "unpack_context"]
 
 CONTEXT_PREFIX = "_context_"
 VERSION_KEY = "oslo.version"
 MESSAGE_KEY = "oslo.message"
 SUPPORTED_VERSION = "2.0"
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "), default=str).encode
+
+_NASTY_TYPE_TESTS: list[Callable[..., bool]] = [
+    inspect.ismodule, inspect.isclass, inspect.ismethod, inspect.isfunction,
+    inspect.isgeneratorfunction, inspect.isgenerator, inspect.istraceback, inspect.isframe,
+    inspect.iscode, inspect.isbuiltin, inspect.isroutine, inspect.isabstract,
+]
+_SIMPLE_TYPES = (str, int, type(None), bool, float)
+
+
+def to_primitive(value: Any, convert_instances: bool = False, convert_datetime: bool = True,
+                 level: int = 0, max_depth: int = 3, encoding: str = "utf-8",
+                 fallback: Callable[[Any], Any] | None = None) -> Any:
+    """``oslo_serialization.jsonutils.to_primitive`` (oslo.serialization 5; Apache-2.0,
+    Copyright OpenStack Foundation), reproduced: what oslo.messaging writes for a value JSON
+    cannot carry. A datetime becomes ``2024-01-02T03:04:05.123456``, a date ``2024-01-02``,
+    bytes their UTF-8 text, a set or other iterable a list, a UUID, Decimal or IP address its
+    string, an exception its repr, a mapping a dict, a module, class or function its str; an
+    object that is none of these raises ValueError (as there: oslo.messaging then logs and
+    sends nothing; tidings raises it to the caller). It is the encoder's ``default``, so it
+    costs nothing for JSON's own types.
+    """
+    orig_fallback = fallback
+    if fallback is None:
+        fallback = str
+    if isinstance(value, _SIMPLE_TYPES):
+        return value
+    if isinstance(value, bytes):
+        return value.decode(encoding=encoding)
+    xmlrpc = sys.modules.get("xmlrpc.client")
+    if xmlrpc is not None and isinstance(value, xmlrpc.DateTime):
+        value = datetime.datetime(*tuple(value.timetuple())[:6])
+    if isinstance(value, datetime.datetime):
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%f") if convert_datetime else value
+    if isinstance(value, datetime.date):
+        return value.strftime("%Y-%m-%d") if convert_datetime else value
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    netaddr = sys.modules.get("netaddr")  # no netaddr object exists unless it was imported
+    if netaddr is not None and isinstance(value, (netaddr.IPAddress, netaddr.IPNetwork,
+                                                  netaddr.IPRange)):
+        return str(value)
+    ipaddress = sys.modules.get("ipaddress")
+    if ipaddress is not None and isinstance(value, (ipaddress.IPv4Address,
+                                                    ipaddress.IPv6Address)):
+        return str(value)
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, Exception):
+        return repr(value)
+    if type(value) is itertools.count:
+        return fallback(value)
+    if any(test(value) for test in _NASTY_TYPE_TESTS):
+        return fallback(value)
+    if level > max_depth:
+        return None
+    try:
+        recursive = functools.partial(to_primitive, convert_instances=convert_instances,
+                                      convert_datetime=convert_datetime, level=level,
+                                      max_depth=max_depth, encoding=encoding,
+                                      fallback=orig_fallback)
+        if isinstance(value, dict):
+            return {recursive(k): recursive(v) for k, v in value.items()}
+        elif hasattr(value, "items"):
+            return recursive(dict(value.items()), level=level + 1)
+        elif hasattr(value, "__iter__") and not isinstance(value, io.IOBase):
+            return list(map(recursive, value))
+        elif convert_instances and hasattr(value, "__dict__"):
+            return recursive(value.__dict__, level=level + 1)
+    except TypeError:
+        return fallback(value)
+    if orig_fallback is None:
+        raise ValueError(f"Cannot convert {value!r} to primitive")
+    return orig_fallback(value)
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "),
+                          default=to_primitive).encode
+
+
+def _kombu_default(value: Any) -> Any:
+    """What oslo.messaging's rabbit driver writes for a value JSON cannot carry in a v1 body
+    (``messaging`` driver): kombu's JSON encoder, which marks the type so that the receiving
+    side (kombu, and :func:`decode` here) turns it back into the object."""
+    reducer = getattr(value, "__json__", None)
+    if reducer is not None:
+        return reducer()
+    for kind, marker, encode in _KOMBU_ENCODERS:
+        if isinstance(value, kind):
+            return {"__type__": marker, "__value__": encode(value)}
+    if isinstance(value, bytes):
+        try:
+            return {"__type__": "bytes", "__value__": value.decode("utf-8")}
+        except UnicodeDecodeError:
+            return {"__type__": "base64", "__value__": base64.b64encode(value).decode("utf-8")}
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_KOMBU_ENCODERS: tuple[tuple[type, str, Callable[[Any], Any]], ...] = (
+    (datetime.datetime, "datetime", datetime.datetime.isoformat),
+    (datetime.date, "date", datetime.date.isoformat),
+    (datetime.time, "time", datetime.time.isoformat),
+    (decimal.Decimal, "decimal", str),
+    (uuid.UUID, "uuid", lambda u: {"hex": u.hex}),
+)
+_KOMBU_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "bytes": lambda v: v.encode("utf-8"),
+    "base64": lambda v: base64.b64decode(v.encode("utf-8")),
+    "datetime": datetime.datetime.fromisoformat,
+    "date": lambda v: datetime.datetime.fromisoformat(v).date(),
+    "time": datetime.time.fromisoformat,
+    "decimal": decimal.Decimal,
+    "uuid": lambda v: uuid.UUID(**v),
+}
+
+
+def _kombu_hook(obj: dict[str, Any]) -> Any:
+    """kombu's ``object_hook``: a ``{"__type__": ..., "__value__": ...}`` object back into its
+    value; an unknown type makes the body undecodable, as there."""
+    if obj.keys() == {"__type__", "__value__"}:
+        decoder = _KOMBU_DECODERS.get(obj["__type__"])
+        if decoder is None:
+            raise ValueError(f"unsupported kombu type marker {str(obj['__type__'])[:40]!r}")
+        return decoder(obj["__value__"])
+    return obj
+
+
+_dumps_v1 = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "),
+                             default=_kombu_default).encode
+_dumps_v1_ascii = json.JSONEncoder(ensure_ascii=True, separators=(", ", ": "),
+                                   default=_kombu_default).encode
+# For a body that cannot be UTF-8 (a lone surrogate in a string): escaped to ASCII, as
+# oslo.messaging always writes.
+_dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(", ", ": "),
+                                default=to_primitive).encode
 _loads = json.loads
 # The C string encoder json.dumps itself uses: building the fixed two-key v2 envelope by hand
 # gives byte-identical output to json.dumps without a second pass over a dict.
@@ -54,7 +202,7 @@ def _make_fast_dumps() -> Any:
     if make is None or _quote is not getattr(json.encoder, "c_encode_basestring", None):
         return None
     try:
-        fast = make(None, str, _quote, None, ": ", ", ", False, False, True)
+        fast = make(None, to_primitive, _quote, None, ": ", ", ", False, False, True)
         sample = {"k": ["\u00e9\n", 1.5, None, True, {"d": object}], "n": float("nan")}
         if "".join(fast(sample, 0)) != _dumps(sample):
             return None
@@ -118,11 +266,21 @@ def encode(message: dict[str, Any], version: float = 2.0,
         inner = _dumps_inner(message)
         signature = signer.sign(inner) if signer is not None else None
         tail = "}" if signature is None else f", \"{SIGNATURE_KEY}\": {_dumps(signature)}}}"
-        return (_V2_HEAD + _quote(inner) + tail).encode("utf-8")
+        try:
+            return (_V2_HEAD + _quote(inner) + tail).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: escape it, as oslo.messaging does
+            inner = _dumps_ascii(message)
+            signature = signer.sign(inner) if signer is not None else None
+            tail = "}" if signature is None else \
+                f", \"{SIGNATURE_KEY}\": {_dumps(signature)}}}"
+            return (_V2_HEAD + _quote(inner) + tail).encode("utf-8")
     if signer is not None and signer.active is not None:
         raise ValueError("signed notifications need the v2 envelope: use the notifier driver "
                          "'messagingv2', not 'messaging'")
-    return _dumps_inner(message).encode("utf-8")
+    try:
+        return _dumps_v1(message).encode("utf-8")
+    except UnicodeEncodeError:
+        return _dumps_v1_ascii(message).encode("utf-8")
 
 
 def decode(body: bytes | str) -> dict[str, Any]:
@@ -185,6 +343,12 @@ def decode_envelope(body: bytes | str) -> tuple[dict[str, Any], str | None, Any]
     if not isinstance(outer, dict):
         raise MalformedMessage(f"body is a JSON {type(outer).__name__}, not an object")
     if VERSION_KEY not in outer:
+        if '"__type__"' in text:  # kombu's typed values (oslo.messaging's v1 over RabbitMQ)
+            try:
+                outer = _loads(text, object_hook=_kombu_hook)
+            except (ValueError, TypeError, binascii.Error) as exc:
+                raise MalformedMessage(f"body has a bad typed value: {str(exc)[:120]}") \
+                    from None
         return outer, None, None
     version = outer[VERSION_KEY]
     if not isinstance(version, str) or version.split(".")[0] != "2":

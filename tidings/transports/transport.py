@@ -12,9 +12,9 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from tidings.transports import conf as options
 from tidings.transports import envelope
 from tidings.transports.base import (
     Binding,
@@ -27,6 +27,7 @@ from tidings.transports.base import (
 )
 from tidings.transports.consumer import Consumer, Handler
 from tidings.transports.errors import (
+    InvalidTarget,
     InvalidTransportOption,
     MalformedMessage,
     MessageTooLarge,
@@ -45,6 +46,7 @@ __all__ = [
     "Transport",
     "get_notification_transport",
     "get_transport",
+    "set_transport_defaults",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -95,24 +97,84 @@ def _check_core_options(values: Mapping[str, Any]) -> None:
                                          f"at least {first}={values[first]:g}")
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where notifications go or come from: a topic on an exchange.
+_TARGET_FIELDS = ("exchange", "topic", "namespace", "version", "server", "fanout")
 
-    ``exchange=None`` means the transport's default exchange (``openstack`` unless
-    get_notification_transport was given another).
+
+class Target:
+    """Where notifications go or come from: a topic on an exchange (oslo.messaging's class).
+
+    The arguments, their order and their meaning are oslo.messaging's:
+    ``Target(exchange=None, topic=None, namespace=None, version=None, server=None,
+    fanout=None, legacy_namespaces=None)``, so ``Target('nova', 'notifications')`` is topic
+    ``notifications`` on exchange ``nova``. ``exchange=None`` means the transport's default
+    exchange (``control_exchange``, ``openstack`` unless configured). The RPC fields
+    (namespace, version, server, fanout) are kept and, as in oslo.messaging, ignored by
+    notifiers and listeners. A target without a topic can be built (and completed with
+    ``target(topic=...)``) but not used: listeners and senders raise ``InvalidTarget``.
+    Unlike oslo.messaging's, it is immutable and hashes by value.
     """
 
-    topic: str
-    exchange: str | None = None
+    __slots__ = (*_TARGET_FIELDS, "accepted_namespaces")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.topic, str) or not self.topic:
-            raise ValueError(f"Target topic must be a non-empty string, not {self.topic!r}")
-        if self.exchange is not None and (not isinstance(self.exchange, str)
-                                          or not self.exchange):
-            raise ValueError(f"Target exchange must be a non-empty string or None, "
-                             f"not {self.exchange!r}")
+    exchange: str | None
+    topic: str | None
+    namespace: str | None
+    version: str | None
+    server: str | None
+    fanout: bool | None
+    accepted_namespaces: list[str | None]
+
+    def __init__(self, exchange: str | None = None, topic: str | None = None,
+                 namespace: str | None = None, version: str | None = None,
+                 server: str | None = None, fanout: bool | None = None,
+                 legacy_namespaces: Sequence[str] | None = None) -> None:
+        for label, given in (("topic", topic), ("exchange", exchange)):
+            if given is not None and not isinstance(given, str):
+                raise InvalidTarget(f"Target {label} must be a string or None, not "
+                                    f"{type(given).__name__}", given)
+        setter = object.__setattr__
+        for name, value in zip(_TARGET_FIELDS, (exchange, topic, namespace, version, server,
+                                                fanout), strict=True):
+            setter(self, name, value)
+        setter(self, "accepted_namespaces", [namespace, *(legacy_namespaces or [])])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Target is immutable; use target({name}=...) for a changed copy")
+
+    def __call__(self, **kwargs: Any) -> Target:
+        """A copy with some fields changed (oslo.messaging's way)."""
+        for name in _TARGET_FIELDS:
+            kwargs.setdefault(name, getattr(self, name))
+        return Target(**kwargs)
+
+    def _key(self) -> tuple[Any, ...]:
+        return (*(getattr(self, n) for n in _TARGET_FIELDS), tuple(self.accepted_namespaces))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Target):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash((self.exchange, self.topic))
+
+    def __repr__(self) -> str:
+        values = ", ".join(f"{n}={getattr(self, n)}" for n in _TARGET_FIELDS if getattr(self, n))
+        return f"<Target {values}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_target, (self.exchange, self.topic, self.namespace, self.version, self.server,
+                          self.fanout, self.accepted_namespaces[1:]))
+
+    def require_topic(self, doing: str = "A target must have topic specified") -> str:
+        """The topic, or InvalidTarget (oslo.messaging's message) when there is none."""
+        if not self.topic:
+            raise InvalidTarget(doing, self)
+        return self.topic
+
+
+def _target(*args: Any) -> Target:
+    return Target(*args)
 
 
 def _parse_options(url: TransportURL, declared: Mapping[str, Option[Any]]) -> dict[str, Any]:
@@ -130,6 +192,10 @@ def _parse_options(url: TransportURL, declared: Mapping[str, Option[Any]]) -> di
 class Transport:
     """One driver behind the checks every driver shares. Build it with
     :func:`get_notification_transport`; share it between notifiers and listeners."""
+
+    #: The oslo.config ConfigOpts the transport was built from (oslo.messaging's attribute),
+    #: or None when it was built from a URL.
+    conf: Any = None
 
     def __init__(self, driver: Driver, url: TransportURL, default_exchange: str,
                  options: Mapping[str, Any], signing: SigningKeys | None = None) -> None:
@@ -192,8 +258,11 @@ class Transport:
         self._ensure_open("send")
         body, message_id = self._encode(ctxt, message, version)
         for target in targets:
+            topic = target.topic
+            if not topic:  # oslo.messaging's check and message
+                raise InvalidTarget("A topic is required to send", target)
             self._send_outgoing(OutgoingMessage(target.exchange or self.default_exchange,
-                                                target.topic, body, message_id), retry)
+                                                topic, body, message_id), retry)
 
     def _encode(self, ctxt: Mapping[str, Any], message: Mapping[str, Any],
                 version: float) -> tuple[bytes, str]:
@@ -216,7 +285,8 @@ class Transport:
                             version: float = 2.0) -> OutgoingMessage:
         """The message :meth:`_send_notification` would send (for :meth:`send_many`)."""
         body, message_id = self._encode(ctxt, message, version)
-        return OutgoingMessage(target.exchange or self.default_exchange, target.topic, body,
+        return OutgoingMessage(target.exchange or self.default_exchange,
+                               target.require_topic("A topic is required to send"), body,
                                message_id)
 
     def send_raw(self, target: Target, body: bytes, *, message_id: str,
@@ -257,7 +327,8 @@ class Transport:
     def _outgoing(self, target: Target, body: bytes, message_id: str,
                   headers: Mapping[str, str] | None) -> OutgoingMessage:
         self._check_size(body, message_id)
-        return OutgoingMessage(target.exchange or self.default_exchange, target.topic, body,
+        return OutgoingMessage(target.exchange or self.default_exchange,
+                               target.require_topic("A topic is required to send"), body,
                                message_id, headers=dict(headers) if headers else {})
 
     def _attempt(self, out: OutgoingMessage) -> None:
@@ -326,7 +397,8 @@ class Transport:
                         batch_timeout=batch_timeout,
                         backoff=(opts["reconnect_interval"], opts["reconnect_max_interval"]),
                         max_deliveries=opts["max_deliveries"] or None,
-                        requeue_delay=(opts["requeue_delay"], opts["requeue_max_delay"]))
+                        requeue_delay=(opts["requeue_delay"], opts["requeue_max_delay"]),
+                        retryable=self._driver.retryable)
 
     def decode(self, msg: IncomingMessage) -> dict[str, Any]:
         """Decode an incoming body into the wire message, enforcing max_message_size and, with
@@ -411,14 +483,44 @@ class ConsumerPoolHandle:
         return self._consumer.wait(timeout)
 
 
-def get_transport(url: str | TransportURL | None = None, *,
-                  default_exchange: str = "openstack",
-                  signing: SigningKeys | None = None) -> Transport:
-    """Build a transport for ``url`` (or $TIDINGS_TRANSPORT_URL): load the driver by scheme,
-    check the URL's options against what the driver and the core accept.
+def _conf_and_url(conf: Any, url: Any) -> tuple[Any, Any]:
+    """Tell oslo.messaging's ``(conf, url)`` from tidings' ``(url)`` first argument."""
+    if conf is None or options.is_conf(conf):
+        return conf, url
+    if url is not None:
+        raise TypeError(f"the first argument is a ConfigOpts or a URL, not both: got "
+                        f"{type(conf).__name__} and url={url!r}")
+    return None, conf
 
-    ``signing``: sign what this transport sends with the active key and verify what it
-    receives (see tidings.transports.signing)."""
+
+def get_transport(conf: Any = None, url: str | TransportURL | None = None,
+                  allowed_remote_exmods: Sequence[str] | None = None, *,
+                  default_exchange: str | None = None,
+                  signing: SigningKeys | None = None) -> Transport:
+    """Build a transport: load the driver by the URL's scheme, check the URL's options
+    against what the driver and the core accept.
+
+    oslo.messaging's arguments: ``conf`` is an oslo.config ``ConfigOpts`` (needs
+    ``tidings[oslo]``), from which the URL (``[oslo_messaging_notifications] transport_url``,
+    else ``[DEFAULT] transport_url``) and the default exchange (``[DEFAULT] control_exchange``)
+    are read when not given, with the options registered exactly as oslo.messaging registers
+    them; the transport keeps it as ``transport.conf``, where a Notifier finds its driver,
+    topics and retry. ``allowed_remote_exmods`` is accepted and unused (RPC only). Without a
+    ConfigOpts the first argument may be the URL itself (a string or a TransportURL); with
+    neither, $TIDINGS_TRANSPORT_URL is read.
+
+    ``default_exchange``: the exchange of targets that name none (default ``openstack``, or
+    the configured ``control_exchange``). ``signing``: sign what this transport sends with the
+    active key and verify what it receives (see tidings.transports.signing)."""
+    conf, url = _conf_and_url(conf, url)
+    if conf is not None:
+        url, exchange = options.transport_settings(conf, url)
+        if default_exchange is None:
+            default_exchange = exchange
+    if default_exchange is None:
+        default_exchange = "openstack"
+    if url is not None and not isinstance(url, (str, TransportURL)):
+        url = str(url)  # oslo.messaging's TransportURL prints as the URL
     if url is None:
         url = os.environ.get(ENV_URL)
         if not url:
@@ -440,11 +542,24 @@ def get_transport(url: str | TransportURL | None = None, *,
         driver = cls(parsed, values)
     except TransportUnreachable as exc:
         raise TransportUnreachable(mask_password(str(exc))) from exc
-    return Transport(driver, parsed, default_exchange, core, signing)
+    driver.max_message_size = core["max_message_size"]
+    transport = Transport(driver, parsed, default_exchange, core, signing)
+    transport.conf = conf
+    return transport
 
 
-def get_notification_transport(url: str | TransportURL | None = None, *,
-                               default_exchange: str = "openstack",
+def get_notification_transport(conf: Any = None, url: str | TransportURL | None = None,
+                               allowed_remote_exmods: Sequence[str] | None = None, *,
+                               default_exchange: str | None = None,
                                signing: SigningKeys | None = None) -> Transport:
-    """oslo.messaging's name for :func:`get_transport`: the transport notifications use."""
-    return get_transport(url, default_exchange=default_exchange, signing=signing)
+    """oslo.messaging's name and arguments for :func:`get_transport`: the transport
+    notifications use. ``get_notification_transport(conf)``,
+    ``get_notification_transport(conf, url)`` and ``get_notification_transport(url)`` all
+    work."""
+    return get_transport(conf, url, allowed_remote_exmods, default_exchange=default_exchange,
+                         signing=signing)
+
+
+def set_transport_defaults(control_exchange: str) -> None:
+    """oslo.messaging's: the default of ``[DEFAULT] control_exchange`` (needs oslo.config)."""
+    options.set_transport_defaults(control_exchange)
