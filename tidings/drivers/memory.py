@@ -1,21 +1,12 @@
 """``memory://`` (also ``fake://``): an in-process broker, thread-safe, the embedded default.
 
-It models a broker rather than short-cutting one, so code tested on it behaves the same on
-RabbitMQ: queues bound to (exchange, routing key); the no-pool group shares one queue per routing
-key, created on first send so nothing sent before a listener starts is lost; each pool has its own
-queue bound to every routing key its members listen to; members of a queue get messages
-round-robin, never more than ``prefetch`` unsettled each (the broker's own flow control, as
-RabbitMQ's basic.qos); a closed receiver's unsettled messages go back to the head of their queue
-for the others.
-
-Every ``memory://`` transport in a process with the same virtual host shares one broker, so a
-notifier and a listener built from separate transports reach each other; use a distinct virtual
-host (``memory:///test-1``) to isolate tests.
-
-It carries encoded bytes like a real broker (so size limits, malformed bodies and signatures
-behave as there). The core hands settlements over in batches on the poll thread, so one broker
-lock acquisition settles a batch; a lock taken per message would convoy the sending and the
-listening thread into one GIL hand-off per message.
+It models a broker, so code tested on it behaves as on RabbitMQ: queues bound to (exchange,
+routing key); the no-pool group shares one queue per routing key, created on first send so
+nothing sent before a listener starts is lost; each pool has its own queue bound to every routing
+key its members listen to; members get messages round-robin, at most ``prefetch`` unsettled each
+(its basic.qos); what a closed receiver held goes back to the head of its queue. It carries
+encoded bytes, so size limits, malformed bodies and signatures behave as on a broker. Transports
+of one process with the same virtual host share a broker (``memory:///test-1`` isolates tests).
 """
 
 from __future__ import annotations
@@ -41,12 +32,9 @@ from tidings.transports.url import TransportURL
 __all__ = ["MemoryDriver"]
 
 
-# A message waiting in a queue: (body, message_id, headers or None, redelivered). A plain tuple
-# of bytes, str, bool and None is untracked by Python's cyclic GC after its first young
-# collection, so a backlog of any length is never promoted and never rescanned; a backlog of
-# objects made every full collection traverse it (30-60 ms for 20,000 waiting messages, a tenth
-# of a memory:// benchmark round). Only delivered messages (at most prefetch per member) are
-# objects.
+# A message waiting in a queue: (body, message_id, headers or None, redelivered). The GC stops
+# tracking such tuples, so no collection ever rescans a backlog (objects made full collections
+# traverse 20,000 waiting messages); only delivered messages (at most prefetch each) are objects.
 _Waiting = tuple[bytes, str, "dict[str, str] | None", bool]
 
 
@@ -62,17 +50,12 @@ class _Broker:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.queues: dict[tuple[str, str], _Queue] = {}
-        # (exchange, routing key) -> queues bound to it
-        self.bindings: dict[tuple[str, str], list[_Queue]] = {}
-        # (exchange, routing key) -> the (live) list of queues bound to it, once something was
-        # sent there and its no-pool group queue exists: a send is then one dict lookup.
+        self.bindings: dict[tuple[str, str], list[_Queue]] = {}  # (exchange, key) -> queues
+        # The same live lists, once a send made the no-pool queue: a send is one dict lookup.
         self.routes: dict[tuple[str, str], list[_Queue]] = {}
 
     def queue(self, exchange: str, name: str) -> _Queue:
-        q = self.queues.get((exchange, name))
-        if q is None:
-            q = self.queues[(exchange, name)] = _Queue((exchange, name))
-        return q
+        return self.queues.setdefault((exchange, name), _Queue((exchange, name)))
 
     def bind(self, queue: _Queue, exchange: str, routing_key: str) -> None:
         bound = self.bindings.setdefault((exchange, routing_key), [])
@@ -84,9 +67,7 @@ class _Broker:
         key = (msg.exchange, msg.routing_key)
         with self.lock:
             bound = self.routes.get(key)
-            if bound is None:
-                # The no-pool group's queue exists from the first send, as RabbitMQ notifiers
-                # declare it: a notification sent before its listeners start waits for them.
+            if bound is None:  # the no-pool queue exists from the first send, as on RabbitMQ
                 group = self.queue(msg.exchange, "group:" + msg.routing_key)
                 self.bind(group, msg.exchange, msg.routing_key)
                 bound = self.routes[key] = self.bindings[key]
@@ -123,10 +104,7 @@ _BROKERS_LOCK = threading.Lock()
 
 def _broker_for(vhost: str) -> _Broker:
     with _BROKERS_LOCK:
-        broker = _BROKERS.get(vhost)
-        if broker is None:
-            broker = _BROKERS[vhost] = _Broker()
-        return broker
+        return _BROKERS.setdefault(vhost, _Broker())
 
 
 class _MemoryReceiver(Receiver):
@@ -134,8 +112,7 @@ class _MemoryReceiver(Receiver):
         self._broker = broker
         self._queues = queues
         self._prefetch = prefetch
-        # Delivered by the broker and not yet received by the core.
-        self._ready: deque[IncomingMessage] = deque()
+        self._ready: deque[IncomingMessage] = deque()  # delivered, not received by the core
         self._unsettled = 0  # delivered and not yet settled: the broker's flow control
         self._wakeup = threading.Condition(broker.lock)
         self._interrupted = False
@@ -143,12 +120,10 @@ class _MemoryReceiver(Receiver):
         with broker.lock:
             for q in queues:
                 q.consumers.append(self)
-            for q in queues:
                 broker.pump(q)
 
     def deliver(self, q: _Queue, waiting: _Waiting) -> None:
-        """Caller holds the broker lock."""
-        # (body, message_id, headers, redelivered); the queue is the token.
+        """Caller holds the broker lock. The queue is the message's token."""
         self._unsettled += 1
         ready = self._ready
         ready.append(IncomingMessage(*waiting, q))
@@ -177,13 +152,8 @@ class _MemoryReceiver(Receiver):
         broker = self._broker
         with broker.lock:
             self._unsettled -= len(outcomes)
-            # Requeued messages go back to the head of their queue, the oldest first.
-            for msg in reversed([m for m, how in outcomes if how is REQUEUE]):
-                msg.token.messages.appendleft((msg.body, msg.message_id, msg.headers or None,
-                                               True))
-            for q in self._queues:  # room was made: let waiting messages in
-                if q.messages:
-                    broker.pump(q)
+            _put_back([m for m, how in outcomes if how is REQUEUE])
+            self._pump()  # room was made: let waiting messages in
 
     def close(self) -> None:
         broker = self._broker
@@ -194,24 +164,30 @@ class _MemoryReceiver(Receiver):
             for q in self._queues:
                 if self in q.consumers:
                     q.consumers.remove(self)
-            # Delivered but never received by the core: back to the head of their queue.
-            for msg in reversed(self._ready):
-                msg.token.messages.appendleft((msg.body, msg.message_id, msg.headers or None,
-                                               True))
+            _put_back(self._ready)  # delivered, never received by the core
             self._ready.clear()
-            for q in self._queues:
-                broker.pump(q)
+            self._pump()
             self._wakeup.notify_all()
+
+    def _pump(self) -> None:
+        for q in self._queues:
+            if q.messages:
+                self._broker.pump(q)
+
+
+def _put_back(messages: Sequence[IncomingMessage]) -> None:
+    """Back to the head of their queues, the oldest first, marked redelivered."""
+    for msg in reversed(messages):
+        msg.token.messages.appendleft((msg.body, msg.message_id, msg.headers or None, True))
 
 
 class MemoryDriver(Driver):
     """In-process broker; see the module docstring for its model."""
 
     name = "memory"
-    capabilities = Capabilities(
-        pools=True, requeue=True, requeue_to_other_member=True, exchanges=True,
-        at_least_once=True, durable=False, stores_without_listener=True, dead_letter=False,
-        prefetch=True, confirmed_send=True)
+    capabilities = Capabilities(pools=True, requeue=True, requeue_to_other_member=True,
+                                at_least_once=True, stores_without_listener=True,
+                                confirmed_send=True)
 
     def __init__(self, url: TransportURL, options: dict[str, Any]) -> None:
         super().__init__(url, options)
@@ -227,11 +203,10 @@ class MemoryDriver(Driver):
                prefetch: int) -> Receiver:
         b = self._broker
         with b.lock:
-            queues: list[_Queue] = []
+            queues: dict[_Queue, None] = {}  # in first-bound order
             for binding in bindings:
                 name = f"pool:{pool}" if pool is not None else f"group:{binding.routing_key}"
                 q = b.queue(binding.exchange, name)
                 b.bind(q, binding.exchange, binding.routing_key)
-                if q not in queues:
-                    queues.append(q)
-            return _MemoryReceiver(b, queues, prefetch)
+                queues[q] = None
+            return _MemoryReceiver(b, list(queues), prefetch)
