@@ -297,6 +297,8 @@ class Consumer:
                     timeout = self.poll_interval
                     if self._delayed:
                         timeout = min(timeout, self._release_due(receiver))
+                    if self._executor.nudge():  # work waits for a thread: look again soon
+                        timeout = min(timeout, WorkerPool.grow_after)
                     room = self._prefetch - len(self._held)
                     if room <= 0:
                         self._wait_for_room(timeout)
