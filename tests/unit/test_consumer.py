@@ -256,3 +256,24 @@ def test_wait_from_a_handler_of_the_same_consumer_is_refused(workers: int) -> No
         consumer.stop()
         other.stop()
         assert consumer.wait(WAIT) and other.wait(WAIT)
+
+
+def test_worker_pool_grows_for_slow_handlers_only_as_work_waits() -> None:
+    """Handlers that wait (50 ms each) with work queued behind them: the pool doubles its
+    threads each round instead of running them one after the other."""
+    pool = WorkerPool(16, "t-grow")
+    done = threading.Semaphore(0)
+
+    def slow(_: object) -> None:
+        threading.Event().wait(0.05)  # an endpoint waiting on a database
+        done.release()
+
+    began = time.monotonic()
+    for _ in range(32):
+        pool.submit(slow, None)
+    for _ in range(32):
+        assert done.acquire(timeout=WAIT)
+    took = time.monotonic() - began
+    assert pool.threads >= 8, pool.threads
+    assert took < 32 * 0.05 / 2, f"{took:.2f}s: the slow handlers ran mostly one at a time"
+    assert pool.stop(WAIT)
