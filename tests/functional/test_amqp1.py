@@ -239,6 +239,25 @@ def test_bad_options_fail_fast_without_the_password(vhost: str) -> None:
         assert name in str(err.value) and "s3cret-pw" not in str(err.value)
 
 
+def test_a_wrong_password_fails_at_once_and_says_so(make: Callable[..., Transport]) -> None:
+    """A refused login is not retried and not blamed on declaring queues (as on rabbit://)."""
+    transport = make(password="Wr0ng-pw-x9")
+    notifier = tidings.Notifier(transport, "p", topics=["t"], retry=3, raise_on_failure=True)
+    began = time.monotonic()
+    with pytest.raises(TransportUnreachable) as err:
+        notifier.info({}, "e", {})
+    assert time.monotonic() - began < WAIT / 3  # no retries with backoff
+    text = str(err.value)
+    assert "refused the login" in text and "user and password" in text, text
+    assert "Wr0ng-pw-x9" not in text and "declare" not in text, text
+    class Endpoint:
+        def info(self, *args: Any) -> None: ...
+
+    listener = tidings.get_notification_listener(transport, [Target(topic="t")], [Endpoint()])
+    with pytest.raises(TransportUnreachable, match="refused the login"):
+        listener.start()
+
+
 # -- sending and receiving -----------------------------------------------------------------
 def test_notification_round_trip(make: Callable[..., Transport]) -> None:
     t = make()

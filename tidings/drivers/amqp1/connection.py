@@ -108,6 +108,7 @@ class ConnectParams:
         conn = loop.container.connect(f"amqp{'s' if self.tls else ''}://{host}", **kwargs)
         conn.tidings_host = host  # kept in proton's record: found again from events
         loop.connections.add(conn)
+        loop.made.append(conn)
         return conn
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from tidings.drivers._rabbitmq.declare import LoginRefused
 from tidings.drivers._rabbitmq.hosts import broker_hosts
 from tidings.drivers._rabbitmq.queues import QUEUE_OPTIONS, QueueModel, seconds
 from tidings.drivers._rabbitmq.tls import DEFAULT_TLS_PORT, TLS_OPTIONS, tls_settings
@@ -94,6 +95,10 @@ class AMQP1Driver(Driver):
                                            self._topology.invalidate)
             return self._loop, self._send_side
 
+    def retryable(self, exc: BaseException) -> bool:
+        # A refused login: waiting will not fix it.
+        return isinstance(exc, TransportUnreachable) and not isinstance(exc, LoginRefused)
+
     def send_batch(self, messages: Sequence[OutgoingMessage],
                    timeout: float | None) -> list[BaseException | None]:
         """Hand every message to the I/O thread at once, then wait for their dispositions:
@@ -139,7 +144,7 @@ class AMQP1Driver(Driver):
             addresses = self._topology.prepare_listen(bindings, pool)  # fails fast if down
             attempt = next(self._attempts)
             receiver = AMQP1Receiver(self._sender()[0], self._params, attempt, addresses,
-                                     prefetch, self._connect_timeout)
+                                     prefetch, self._connect_timeout, self.max_message_size)
             reason = receiver.wait_open(deadline - time.monotonic())
             if reason is None:
                 if failures:

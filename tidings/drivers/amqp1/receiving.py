@@ -21,6 +21,7 @@ others need. Credit and unsettled messages together stay within ``prefetch`` for
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -30,16 +31,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proton import Connection, Delivery, Endpoint, Message
+from proton import Connection, Data, Delivery, Endpoint, Message
 
 from tidings.drivers.amqp1.connection import ConnectionOwner, ConnectParams
 from tidings.drivers.amqp1.loop import EventLoop
 from tidings.transports.base import ACK, REJECT, REQUEUE, IncomingMessage, Outcome, Receiver
 from tidings.transports.errors import TransportUnreachable
 
-__all__ = ["AMQP1Receiver", "credit_to_grant", "unpack"]
+__all__ = ["AMQP1Receiver", "credit_to_grant", "sniff_id", "unpack"]
 
 LOG = logging.getLogger(__name__)
+
+_SECTIONS = 64 * 1024  # allowed beyond max_message_size for the other sections (core checks)
+_PART = 1024 * 1024  # a delivery still arriving is taken out of proton in parts of this size
 
 _STATES = {ACK: Delivery.ACCEPTED, REQUEUE: Delivery.RELEASED, REJECT: Delivery.REJECTED}
 # (body, message id, headers, redelivered, delivery count, what is wrong with it)
@@ -75,12 +79,37 @@ def unpack(data: bytes) -> Fields:
             not msg.first_acquirer or bool(count), count + 1 if count else None, problem)
 
 
+def sniff_id(head: bytes) -> str | None:
+    """The message id in the first bytes of an encoded message (the properties section comes
+    before the body), or None; for logging a message refused before it is all there."""
+    data = Data()
+    with contextlib.suppress(Exception):  # a section cut off where the bytes end
+        pos = 0
+        while pos < len(head):
+            pos += data.decode(head[pos:])
+    with contextlib.suppress(Exception):
+        data.rewind()
+        while data.next():
+            if not data.is_described():
+                continue
+            data.enter()
+            data.next()
+            if data.get_object() == 0x73 and data.next() and data.enter() and data.next():
+                found = data.get_object()  # the properties section: the id comes first
+                return None if found is None else str(found)
+            data.exit()
+    return None
+
+
 @dataclass(slots=True, eq=False)
 class _Link:
     address: str
     last: int  # the last credit granted
     unsettled: int = 0
     receiver: Any = None
+    parts: list[bytes] | None = None  # a large delivery still arriving (None: refused)
+    taken: int = 0  # its bytes so far
+    first_id: str | None = None  # its message id
 
 
 class AMQP1Receiver(ConnectionOwner, Receiver):
@@ -90,8 +119,10 @@ class AMQP1Receiver(ConnectionOwner, Receiver):
     the loop thread, since proton's reference counts are not thread-safe."""
 
     def __init__(self, loop: EventLoop, params: ConnectParams, attempt: int,
-                 addresses: Sequence[str], prefetch: int, close_timeout: float) -> None:
+                 addresses: Sequence[str], prefetch: int, close_timeout: float,
+                 max_message_size: int = 16 * 1024 * 1024) -> None:
         super().__init__(loop, params)
+        self._max_size, self._refuse_above = max_message_size, max_message_size + _SECTIONS
         self.addresses = list(addresses)
         self._attempt = attempt
         self._prefetch = prefetch
@@ -203,20 +234,41 @@ class AMQP1Receiver(ConnectionOwner, Receiver):
             return
         receiver = link.receiver
         if dlv.aborted:
+            link.parts, link.taken = None, 0
             dlv.settle()
-        elif dlv.partial or not dlv.readable:
-            return  # the rest of a large message is still on its way
+        elif not dlv.readable or (dlv.partial and not link.taken and dlv.pending < _PART):
+            return  # the rest of the message is on its way; proton holds what came so far
+        elif not dlv.partial and not link.taken and dlv.pending <= self._refuse_above:
+            self._hold(dlv, link, unpack(receiver.recv(dlv.pending)))  # the usual case
         else:
-            data = receiver.recv(dlv.pending)
-            receiver.advance()
-            link.unsettled += 1
-            handle = next(self._handles)
-            self._held[handle] = (dlv, link)
-            with self._cond:
-                self._inbox.append((unpack(data), handle))
-            # Wake receive() once this I/O cycle is over, with all it received (loop.py).
-            self.loop.after_cycle[id(self)] = self._announce
+            # A large message: taken from proton a part at a time, dropped as it comes once
+            # over max_message_size (a link's deliveries come one by one: the link keeps it).
+            data = receiver.recv(dlv.pending) or b""
+            if not link.taken:
+                link.parts, link.first_id = [], sniff_id(data[:65536])
+            link.taken += len(data)
+            if link.parts is not None:
+                link.parts.append(data)
+                if link.taken > self._refuse_above:
+                    link.parts = None  # refused: what else comes is dropped
+            if not dlv.partial:
+                parts, taken, link.parts, link.taken = link.parts, link.taken, None, 0
+                self._hold(dlv, link, unpack(b"".join(parts)) if parts is not None else (
+                    b"", link.first_id, None, False, None,
+                    f"it is {taken} bytes encoded, over max_message_size={self._max_size}; "
+                    f"dropped as it arrived"))
         self._top_up(link)
+
+    def _hold(self, dlv: Any, link: _Link, fields: Fields) -> None:
+        """A complete delivery, for the inbox (it stays unsettled until the core settles it)."""
+        link.receiver.advance()
+        link.unsettled += 1
+        handle = next(self._handles)
+        self._held[handle] = (dlv, link)
+        with self._cond:
+            self._inbox.append((fields, handle))
+        # Wake receive() once this I/O cycle is over, with all it received (loop.py).
+        self.loop.after_cycle[id(self)] = self._announce
 
     def _announce(self) -> None:
         with self._cond:

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import abc
 import logging
-import socket
 import ssl
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tidings.drivers._rabbitmq import declare as amqp091
+from tidings.drivers._rabbitmq.connecting import Connecting
 from tidings.drivers._rabbitmq.queues import QueueModel, QueuePlan
-from tidings.drivers._rabbitmq.tls import TLSSettings, ssl_error_text
+from tidings.drivers._rabbitmq.tls import TLSSettings
 from tidings.transports.base import Binding
-from tidings.transports.errors import InvalidTransportOption, TransportUnreachable
+from tidings.transports.errors import TransportUnreachable
 from tidings.transports.url import TransportHost, mask_password
 
 __all__ = ["TOPOLOGIES", "Amqp091Topology", "QueuePlan", "Topology", "TopologySettings",
@@ -115,6 +116,7 @@ class Amqp091Topology(Topology):
         super().__init__(settings)
         self._lock = threading.Lock()
         self._sent_to: set[tuple[str, str]] = set()
+        self._connecting = Connecting()  # close() ends a declare's connect in progress
 
     def prepare_send(self, exchange: str, routing_key: str) -> str:
         key = (exchange, routing_key)
@@ -137,12 +139,15 @@ class Amqp091Topology(Topology):
         # slow declare may be holding).
         self._sent_to = {k for k in self._sent_to if exchange is not None and k[0] != exchange}
 
+    def close(self) -> None:
+        self._connecting.abort()  # a declare connecting now ends at once; no more start
+
     def _declare(self, plans: Sequence[QueuePlan]) -> None:
         import amqp  # py-amqp, the 0-9-1 client under kombu (the amqp1 extra installs it)
 
         s = self.settings
         errors: list[str] = []
-        tls_failures = 0
+        tls_failures = refused = 0
         for host in s.hosts:
             where = str(host)
             ssl_opts: Any = False
@@ -154,17 +159,21 @@ class Amqp091Topology(Topology):
                                    virtual_host=s.virtual_host, ssl=ssl_opts,
                                    connect_timeout=s.connect_timeout, heartbeat=0)
             try:
-                conn.connect()
-                _declare_on(conn.channel(), s.queues, plans)
+                with self._connecting.watch(conn):
+                    conn.connect()
+                amqp091.declare_on(conn.channel(), s.queues, plans)
                 return
             except (OSError, amqp.exceptions.AMQPError) as exc:
                 # Refused, dropped, or a refusal such as a missing configure permission.
-                if s.tls is not None and isinstance(exc, ssl.SSLError):
+                if isinstance(exc, amqp.exceptions.AccessRefused) and not conn.connected:
+                    refused += 1  # the login itself: no declare was tried
+                    errors.append(f"{host.username}@{where}: {amqp091.describe(exc)}")
+                elif s.tls is not None and isinstance(exc, ssl.SSLError):
                     tls_failures += 1
                     errors.append(s.tls.explain_handshake_failure(where, host.hostname,
-                                                                  _describe(exc)))
+                                                                  amqp091.describe(exc)))
                 else:
-                    errors.append(f"{where}: {_describe(exc)}")
+                    errors.append(f"{where}: {amqp091.describe(exc)}")
             finally:
                 try:
                     conn.collect() if not getattr(conn, "connected", False) else conn.close()
@@ -173,48 +182,16 @@ class Amqp091Topology(Topology):
         advice = ("" if tls_failures == len(errors) else
                   "; check that the broker is up, that the user may log in and configure that "
                   "virtual host")
+        if self._connecting.aborted:
+            raise TransportUnreachable("the AMQP 1.0 driver was cleaned up while declaring")
+        if refused == len(errors):
+            raise amqp091.LoginRefused(mask_password(
+                f"RabbitMQ refused the login to virtual host {s.virtual_host!r} "
+                f"({'; '.join(errors)}); check the user and password in the URL and that the "
+                f"user has permissions on the virtual host"))
         raise TransportUnreachable(mask_password(
             f"cannot declare the AMQP 1.0 driver's queues over AMQP 0-9-1 on virtual host "
             f"{s.virtual_host!r} ({'; '.join(errors)}){advice}"))
-
-
-def _declare_on(channel: Any, model: QueueModel, plans: Sequence[QueuePlan]) -> None:
-    durable, dlx, args = model.durable, model.dead_letter_exchange, dict(model.arguments)
-    if dlx:  # rejected messages go there and are kept, not silently dropped
-        _guard(f"dead-letter exchange {dlx!r} (fanout, durable)", channel.exchange_declare,
-               dlx, "fanout", durable=True, auto_delete=False)
-        _guard(f"dead-letter queue {dlx!r} (durable)", channel.queue_declare, dlx,
-               durable=True, auto_delete=False)
-        channel.queue_bind(dlx, dlx, "")
-    for exchange in dict.fromkeys(b.exchange for p in plans for b in p.bindings):
-        _guard(f"exchange {exchange!r} (topic, durable={durable})", channel.exchange_declare,
-               exchange, "topic", durable=durable, auto_delete=False)
-    shown = ", ".join(f"{k}={v}" for k, v in args.items()) or "none"
-    for plan in plans:
-        _guard(f"queue {plan.name!r} (durable={durable}, arguments: {shown})",
-               channel.queue_declare, plan.name, durable=durable, auto_delete=False,
-               arguments=dict(args) or None)
-        for b in plan.bindings:
-            channel.queue_bind(plan.name, b.exchange, b.routing_key)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, socket.timeout):
-        return "connect timed out"
-    return ssl_error_text(exc) if isinstance(exc, ssl.SSLError) else str(exc) or type(exc).__name__
-
-
-def _guard(what: str, declare: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-    import amqp
-
-    try:
-        declare(*args, **kwargs)
-    except amqp.exceptions.PreconditionFailed as exc:
-        raise InvalidTransportOption(
-            f"cannot declare {what}: the broker has it with other arguments ({exc.reply_text}). "
-            f"Use the same durable/queue_expiry/message_ttl/dead_letter_exchange options as the "
-            f"code that declared it (oslo.messaging: amqp_durable_queues), or delete it so it "
-            f"can be declared again") from None
 
 
 TOPOLOGIES: Mapping[str, type[Topology]] = {"amqp091": Amqp091Topology}

@@ -12,6 +12,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tidings.drivers._rabbitmq.connecting import Connecting
 from tidings.drivers.rabbit.link import LinkRefused
 from tidings.drivers.rabbit.listener import RabbitReceiver
 from tidings.drivers.rabbit.options import BASE_CAPABILITIES, OPTIONS, Settings, Topology
@@ -39,7 +40,8 @@ class RabbitDriver(Driver):
         self.settings = Settings.from_url(url, self.conf)
         self.capabilities = self.settings.queues.capabilities(BASE_CAPABILITIES)
         self.topology = Topology(self.settings)
-        self._publisher = Publisher(self.settings, self.topology)
+        self._connecting = Connecting()  # cleanup() ends the connects in progress
+        self._publisher = Publisher(self.settings, self.topology, self._connecting)
         self._next_host = 0  # a receiver starts at the host the last one reached (failover)
         self._beating: weakref.WeakSet[Any] = weakref.WeakSet([self._publisher])
         self._beats: threading.Thread | None = None
@@ -62,14 +64,15 @@ class RabbitDriver(Driver):
         label = f"pool {pool!r}" if pool is not None else "group"
         receiver = RabbitReceiver(self.settings, self.topology,
                                   self.topology.model.plan(bindings, pool), prefetch, label,
-                                  self._next_host)
+                                  self._next_host, self.max_message_size, self._connecting)
         self._next_host = receiver.host_index
         self._keep_alive(receiver)
         return receiver
 
     def cleanup(self) -> None:
         """Close the publishing connection and stop heartbeats. Receivers keep their own
-        connections until the core closes them."""
+        connections until the core closes them; connects in progress end at once."""
+        self._connecting.abort()
         self._publisher.close()
         self._stopped.set()
         if self._beats is not None and self._beats is not threading.current_thread():

@@ -24,7 +24,9 @@ import amqp.exceptions
 import kombu
 import kombu.exceptions
 
+from tidings.drivers._rabbitmq.connecting import Connecting, KombuTransport
 from tidings.drivers.rabbit.options import Settings
+from tidings.drivers.rabbit.screen import DeliveryScreen
 from tidings.transports.errors import TransportUnreachable
 from tidings.transports.url import TransportHost, mask_password
 
@@ -177,6 +179,13 @@ class Link:
         """Read and dispatch one frame (deliveries and confirmations go to their callbacks)."""
         self._on_frame(self._read_frame())
 
+    def screen_deliveries(self, limit: int) -> DeliveryScreen:
+        """Screen deliveries from now on (before consuming): see :mod:`.screen`."""
+        screen = DeliveryScreen(self.conn, self._read_frame, limit, describe_error)
+        self._on_frame = screen.on_frame
+        self.read_frame = screen.read_frame  # type: ignore[method-assign]
+        return screen
+
     def readable(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for something to read, without reading it (changes nothing,
         like ``frame_ready``, so it may be called without the connection's lock)."""
@@ -215,7 +224,8 @@ def describe_error(exc: BaseException) -> str:
     return mask_password(f"{type(exc).__name__}: {str(exc) or type(exc).__name__}")
 
 
-def open_link(settings: Settings, start: int, purpose: str) -> tuple[Link, int]:
+def open_link(settings: Settings, start: int, purpose: str,
+              connecting: Connecting | None = None) -> tuple[Link, int]:
     """Connect to the first host that answers, trying each once from index ``start``; return
     the link and its host's index, where the next connection starts. :class:`LinkRefused` if
     a broker refused the login and no other host answered, else TransportUnreachable."""
@@ -223,6 +233,8 @@ def open_link(settings: Settings, start: int, purpose: str) -> tuple[Link, int]:
     failures: list[str] = []
     refused: list[str] = []
     for i in range(len(hosts)):
+        if connecting is not None and connecting.aborted:
+            raise TransportUnreachable("the rabbit driver was cleaned up while connecting")
         index = (start + i) % len(hosts)
         ep = hosts[index]
         ssl_options: Any = dict(settings.ssl_options) if settings.ssl_options is not None \
@@ -234,10 +246,11 @@ def open_link(settings: Settings, start: int, purpose: str) -> tuple[Link, int]:
         kconn = kombu.Connection(
             hostname=ep.hostname, port=ep.port, userid=ep.username, password=ep.password,
             virtual_host=settings.virtual_host, ssl=ssl_options, heartbeat=settings.heartbeat,
-            connect_timeout=settings.connect_timeout, transport="pyamqp",
+            connect_timeout=settings.connect_timeout, transport=KombuTransport,
             transport_options={"client_properties": {
                 "connection_name": f"tidings {purpose} pid={os.getpid()} "
                                    f"thread={threading.current_thread().name}"}})
+        kconn.tidings_connecting = connecting  # type: ignore[attr-defined]
         try:
             # max_retries=0: one attempt per host; the core owns the backoff.
             kconn.ensure_connection(max_retries=0, reraise_as_library_errors=False)

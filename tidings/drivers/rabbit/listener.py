@@ -20,6 +20,7 @@ from typing import Any
 
 import amqp.exceptions
 
+from tidings.drivers._rabbitmq.connecting import Connecting
 from tidings.drivers.rabbit.link import LINK_ERRORS, Link, LinkRefused, describe_error, open_link
 from tidings.drivers.rabbit.options import QueuePlan, Settings, Topology
 from tidings.transports.base import ACK, REQUEUE, IncomingMessage, Outcome, Receiver
@@ -43,7 +44,9 @@ class RabbitReceiver(Receiver):
     """Consumes the planned queues on its own connection (see the module docstring)."""
 
     def __init__(self, settings: Settings, topology: Topology, plan: list[QueuePlan],
-                 prefetch: int, label: str, first_host: int = 0) -> None:
+                 prefetch: int, label: str, first_host: int = 0,
+                 max_message_size: int = 16 * 1024 * 1024,
+                 connecting: Connecting | None = None) -> None:
         self._label = label
         self._plan = plan
         self._heartbeat = settings.heartbeat
@@ -55,7 +58,9 @@ class RabbitReceiver(Receiver):
         # Every delivery tag not settled yet (handed to the core or still buffered), oldest
         # first: what the broker counts as unacknowledged here.
         self._held: dict[int, None] = {}
-        link, self.host_index = open_link(settings, first_host, f"listener {label}")
+        link, self.host_index = open_link(settings, first_host, f"listener {label}",
+                                            connecting)
+        self._screen = link.screen_deliveries(max_message_size)  # tells _on_delivery
         try:
             self._consume(link, settings, topology, prefetch)
         except LINK_ERRORS as exc:
@@ -114,6 +119,13 @@ class RabbitReceiver(Receiver):
         tag = info["delivery_tag"]
         props = message.properties
         self._held[tag] = None
+        problem = self._screen.problem
+        if problem is not None:  # refused by the screen: the core rejects it
+            incoming = IncomingMessage(b"", props.get("message_id") or self._screen.raw_id,
+                                       None, info["redelivered"], tag)
+            incoming.problem = problem
+            self._ready.append(incoming)
+            return
         headers = props.get("application_headers")
         # Quorum queues count earlier deliveries in x-delivery-count: the core's redelivery
         # limit then holds across listeners and restarts.

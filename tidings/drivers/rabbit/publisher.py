@@ -22,6 +22,7 @@ from typing import Any
 import amqp
 import amqp.exceptions
 
+from tidings.drivers._rabbitmq.connecting import Connecting
 from tidings.drivers.rabbit.link import LINK_ERRORS, Link, LinkRefused, describe_error, open_link
 from tidings.drivers.rabbit.options import Settings, Topology
 from tidings.transports.base import OutgoingMessage
@@ -79,8 +80,10 @@ class _State:
 class Publisher:
     """Sends with publisher confirms over one shared connection (see the module docstring)."""
 
-    def __init__(self, settings: Settings, topology: Topology) -> None:
+    def __init__(self, settings: Settings, topology: Topology,
+                 connecting: Connecting | None = None) -> None:
         self._settings = settings
+        self._connecting = connecting
         self._topology = topology
         self._io = threading.Lock()        # writes, frame dispatch and state changes
         self._reading = threading.Lock()   # held by the one thread reading the connection
@@ -312,7 +315,8 @@ class Publisher:
                     self._reading.release()
             if st.link.alive:
                 return st
-        link, self._next_host = open_link(self._settings, self._next_host, "publisher")
+        link, self._next_host = open_link(self._settings, self._next_host, "publisher",
+                                             self._connecting)
         try:
             st = _State(link)
             self._callbacks(st)
@@ -410,8 +414,8 @@ class Publisher:
             self._reading.release()
 
     def close(self) -> None:
+        self._closed = True  # a send connecting now (the driver aborted it) gives up
         with self._io:
-            self._closed = True
             st, self._state = self._state, None
             if st is not None:
                 while st.pending:
