@@ -23,6 +23,7 @@ EXTRAS = {
     "amqp1": ["python-qpid-proton>=0.39", "kombu>=5.3"],
     "zmq": ["pyzmq>=25"],
     "redis": ["redis>=4.5"],
+    "nats": ["nats-py>=2.6"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})  # every driver
 EXTRAS["otel"] = ["opentelemetry-api>=1.20"]  # publish/handle spans, optional
@@ -51,6 +52,7 @@ setup(
             "rabbit = tidings.drivers.rabbit:RabbitDriver",
             "amqp = tidings.drivers.amqp1:AMQP1Driver",
             "zmq = tidings.drivers.zmq:ZmqDriver",
+            "nats = tidings.drivers.nats:NatsDriver",
         ],
         "tidings.matchmakers": [
             "memory = tidings.matchmaker.memory:MemoryMatchMaker",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start the brokers the test suite needs, idempotently, and fail loudly if one does not come up.
-# RabbitMQ (with its AMQP 1.0 plugin) on 127.0.0.1:5672 and Redis on 127.0.0.1:6379.
+# RabbitMQ (with its AMQP 1.0 plugin) on 127.0.0.1:5672, Redis on 127.0.0.1:6379 and NATS with
+# JetStream on 127.0.0.1:4222.
 set -euo pipefail
 
 wait_port() { # name port seconds
@@ -34,4 +35,12 @@ if ! grep -q rabbitmq_amqp1_0 /etc/rabbitmq/enabled_plugins 2>/dev/null \
   rabbitmq-plugins enable rabbitmq_amqp1_0 >/dev/null
 fi
 rabbitmqctl await_startup >/dev/null
-echo "services.sh: redis on :6379 and rabbitmq on :5672 (amqp1_0 plugin enabled) are up"
+
+if ! port_open 4222; then
+  command -v nats-server >/dev/null || { echo "services.sh: nats-server is not installed (apt-get install nats-server)" >&2; exit 1; }
+  mkdir -p /var/lib/nats-server
+  start-stop-daemon --start --oknodo --background --exec "$(command -v nats-server)" -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+fi
+wait_port nats 4222 30
+echo "services.sh: redis on :6379, rabbitmq on :5672 (amqp1_0 plugin enabled) and nats on :4222 are up"
