@@ -13,10 +13,7 @@ Needs Redis on 127.0.0.1:6379 and ``pip install -e examples/tidings-redis-stream
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import statistics
 import sys
 import threading
 import time
@@ -25,6 +22,7 @@ from typing import Any
 
 import redis
 from _common import Counter as _Endpoint
+from _common import compare_main
 
 HOST, PORT = "127.0.0.1", 6379
 PAYLOAD = {"instance_id": "0" * 36, "state": "active", "flavor": {"vcpus": 2}}
@@ -102,28 +100,8 @@ def run_by_hand(n: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)
-    rows: dict[str, list[float]] = {"tidings redisstreams://": [], "redis-py by hand": []}
-    for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both
-        rows["tidings redisstreams://"].append(run_tidings(args.messages))
-        rows["redis-py by hand"].append(run_by_hand(args.messages))
-    med = {k: statistics.median(v) for k, v in rows.items()}
-    ratio = med["tidings redisstreams://"] / med["redis-py by hand"]
-    print(f"end to end, {args.messages} notifications x {args.rounds} rounds (median msg/s)")
-    for name, values in rows.items():
-        spread = ", ".join(f"{v:,.0f}" for v in values)
-        print(f"  {name:<24} {med[name]:>10,.0f}   ({spread})")
-    print(f"  ratio tidings/by hand: {ratio:.2f}x")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"rates": rows, "median": med, "ratio": ratio}, fh, indent=2)
-    return 0
+    return compare_main(argv, __doc__, ("tidings redisstreams://", run_tidings),
+                        ("redis-py by hand", run_by_hand))
 
 
 if __name__ == "__main__":
