@@ -16,7 +16,7 @@ import pytest
 from tidings.testing.brokers import rabbit_vhost
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-README_URL = "rabbit://guest:guest@127.0.0.1:5672/"
+README_URL = "rabbit://guest:guest@127.0.0.1:5672/?queue_expiry=60"
 WAIT_LINE = "# ... until the service shuts down:"
 
 
@@ -54,7 +54,7 @@ class Printed:
 def test_readme_api_example_runs_as_written(driver: str) -> None:
     printed = Printed()
     with _vhost(driver) as vhost:
-        url = (f"rabbit://guest:guest@127.0.0.1:5672/{vhost}" if driver == "rabbit"
+        url = (f"rabbit://guest:guest@127.0.0.1:5672/{vhost}?queue_expiry=60" if driver == "rabbit"
                else f"memory:///readme-{uuid.uuid4().hex[:8]}")
         # Where the reader's service would run, the test waits (bounded) for the delivery.
         code = example().replace(README_URL, url).replace(
