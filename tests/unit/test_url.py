@@ -133,6 +133,18 @@ def test_unencoded_special_characters_in_a_password_never_show(password: str) ->
         assert "%-encode" in str(exc)
 
 
+def test_secret_query_options_are_masked_too() -> None:
+    url = ("zmq://?curve_secret_key=Zq8-pasted#raw-key&token=Tk9xsecret&nkey_seed=SUAXseed"
+           "&ttl=30")
+    for shown in (mask_password(f"bad URL {url!r}"),
+                  TransportURL.parse(url.replace("#", "%23")).masked()):
+        assert not any(s in shown for s in ("Zq8", "raw-key", "Tk9x", "SUAX")), shown
+        assert "ttl=30" in shown and "curve_secret_key=****" in shown, shown
+    with pytest.raises(InvalidTransportURL) as err:
+        TransportURL.parse(url)
+    assert "Zq8" not in str(err.value) and "raw-key" not in str(err.value)
+
+
 def test_not_a_string() -> None:
     with pytest.raises(InvalidTransportURL, match="must be a string"):
         TransportURL.parse(42)  # type: ignore[arg-type]

@@ -21,6 +21,12 @@ _MASK = "****"
 # Anything that looks like a URL in free text: its scheme and the rest of the word. Quotes end
 # it too, since error messages quote URLs.
 _URL_IN_TEXT = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<rest>[^\s'\"]*)")
+# Query options whose values are secrets (a token, a key's seed, a pasted secret key): masked
+# wherever the URL is shown, whatever driver declares them.
+_SECRET_OPTION = re.compile(r"secret|passw|token|seed|cred", re.IGNORECASE)
+_SECRET_QUERY_IN_TEXT = re.compile(
+    r"(?P<key>[?&][^=&\s'\"]*(?:secret|passw|token|seed|cred)[^=&\s'\"]*=)[^&\s'\"]*",
+    re.IGNORECASE)
 # Characters that end the authority of a well-formed URL.
 _AUTHORITY_END = re.compile(r"[/?#]")
 
@@ -43,9 +49,14 @@ def mask_password(text: str) -> str:
 
 
 def _mask_url(match: re.Match[str]) -> str:
-    """One URL: each host's password masked. A password typed without %-encoding its ``/``,
-    ``?``, ``#``, ``,`` or ``@`` makes the URL ambiguous; then everything from the first
-    user's ``:`` to the last ``@`` is masked, so no part of such a password shows."""
+    """One URL: each host's password and secret query values masked. A password typed without
+    %-encoding its ``/``, ``?``, ``#``, ``,`` or ``@`` makes the URL ambiguous; then everything
+    from the first user's ``:`` to the last ``@`` is masked, so no part of such a password
+    shows."""
+    return _SECRET_QUERY_IN_TEXT.sub(rf"\g<key>{_MASK}", _mask_authority(match))
+
+
+def _mask_authority(match: re.Match[str]) -> str:
     scheme, rest = match.group("scheme"), match.group("rest")
     last_at = rest.rfind("@")
     if last_at < 0:
@@ -253,8 +264,10 @@ class TransportURL:
                     vhost = "%2F" + vhost[1:]
             out += "/" + vhost
         if self.query_items:
-            out += "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe=',/:')}"
-                                  for k, v in self.query_items)
+            out += "?" + "&".join(
+                f"{quote(k, safe='')}="
+                f"{_MASK if mask and _SECRET_OPTION.search(k) else quote(v, safe=',/:')}"
+                for k, v in self.query_items)
         return out
 
     def __str__(self) -> str:
