@@ -470,6 +470,12 @@ def _listen(args: argparse.Namespace, out: Any, server: Any) -> int:
     url, expiring = _listen_url(args)
     transport = get_notification_transport(url)
     try:
+        if transport.driver_name == "memory":
+            # Its broker lives inside this process: no other process can ever reach it.
+            raise CLIError(f"{transport.url.masked()} is a broker inside this process: nothing "
+                           f"another process sends can reach this listener. Listen on zmq:// "
+                           f"(across processes on this machine, no broker) or on a broker "
+                           f"(rabbit://, amqp://, nats://)")
         can_requeue = transport.capabilities.requeue
         printer = _Printer(args.json, out, args.count, can_requeue)
         priorities = args.priority or list(PRIORITIES)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+import uuid
 from typing import Any
 
 import pytest
@@ -81,7 +82,8 @@ def test_help_lists_the_public_commands_only() -> None:
     (["notify", "memory://", "--event-type", "e", "--payload", "{nope"], "not valid JSON"),
     (["notify", "memory://", "--event-type", "e", "--payload", "@/no/such/file"],
      "cannot read the file"),
-    (["listen", "memory://", "--topic", "t", "--filter", "colour=red"], "FIELD is"),
+    (["listen", "zmq://", "--topic", "t", "--filter", "colour=red"], "FIELD is"),
+    (["listen", "memory://", "--topic", "t"], "inside this process"),
     (["demo", "--count", "0"], "at least 1"),
 ])
 def test_errors_are_one_line_without_traceback_or_password(args: list[str],
@@ -317,7 +319,8 @@ def test_metrics_add_up_listeners_watched_under_one_name() -> None:
 
 def test_listen_metrics_port_serves_prometheus_text() -> None:
     pytest.importorskip("prometheus_client")
-    proc = subprocess.Popen([sys.executable, "-m", "tidings.cli", "listen", "memory://",
+    proc = subprocess.Popen([sys.executable, "-m", "tidings.cli", "listen",
+                             f"zmq:///metrics-{uuid.uuid4().hex[:8]}",
                              "--topic", "t", "--pool", "tail", "--metrics-port", "0",
                              "--metrics-addr", "127.0.0.1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
