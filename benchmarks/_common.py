@@ -16,8 +16,8 @@ from typing import Any
 from tidings.notify.stamps import new_message_id, utc_timestamp
 from tidings.transports import envelope
 
-__all__ = ["CONTEXT", "PAYLOAD", "Counter", "compare_main", "endpoint_args", "read_wire_body",
-           "wire_body"]
+__all__ = ["CONTEXT", "PAYLOAD", "Counter", "compare_main", "end_to_end", "endpoint_args",
+           "read_wire_body", "wire_body"]
 
 PAYLOAD = {"instance_id": "0" * 36, "state": "active", "flavor": {"vcpus": 2}}
 CONTEXT = {"request_id": "req-1"}
@@ -95,3 +95,27 @@ def compare_main(argv: list[str] | None, doc: str | None, ours: tuple[str, Calla
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"rates": rows, "median": med, "ratio": ratio}, fh, indent=2)
     return 0
+
+
+def end_to_end(url: str, n: int) -> float:
+    """Notifications per second through tidings on ``url``: a Notifier sends ``n`` from this
+    thread, a listener's endpoint counts them; the clock stops at the last endpoint call."""
+    import tidings
+
+    transport = tidings.get_notification_transport(url)
+    endpoint = Counter(n)
+    listener = tidings.get_notification_listener(transport, [tidings.Target(topic="bench")],
+                                                 [endpoint])
+    listener.start()
+    notifier = tidings.Notifier(transport, "bench.host", topics=["bench"])
+    try:
+        began = time.perf_counter()
+        for _ in range(n):
+            notifier.info(CONTEXT, "compute.instance.update", PAYLOAD)
+        if not endpoint.done.wait(300):
+            raise RuntimeError(f"tidings delivered {endpoint.count}/{n}")
+        return n / (time.perf_counter() - began)
+    finally:
+        listener.stop()
+        listener.wait(30)
+        transport.cleanup()

@@ -20,8 +20,7 @@ import time
 import uuid
 
 import nats
-from _common import Counter as _Endpoint
-from _common import compare_main, read_wire_body, wire_body
+from _common import compare_main, end_to_end, read_wire_body, wire_body
 
 URL = "nats://127.0.0.1:4222"
 
@@ -37,27 +36,10 @@ async def _drop(prefix: str) -> None:
 
 
 def run_tidings(n: int) -> float:
-    import tidings
-
     namespace = f"bench-{uuid.uuid4().hex[:10]}"
-    transport = tidings.get_notification_transport(f"{URL}/{namespace}")
-    endpoint = _Endpoint(n)
-    listener = tidings.get_notification_listener(transport, [tidings.Target(topic="bench")],
-                                                 [endpoint])
-    listener.start()
-    notifier = tidings.Notifier(transport, "bench.host", topics=["bench"])
     try:
-        began = time.perf_counter()
-        for _ in range(n):
-            notifier.info({"request_id": "req-1"}, "compute.instance.update",
-                          {"instance_id": "0" * 36, "state": "active", "flavor": {"vcpus": 2}})
-        if not endpoint.done.wait(300):
-            raise RuntimeError(f"tidings delivered {endpoint.count}/{n}")
-        return n / (time.perf_counter() - began)
+        return end_to_end(f"{URL}/{namespace}", n)
     finally:
-        listener.stop()
-        listener.wait(30)
-        transport.cleanup()
         asyncio.run(_drop(f"tidings_{namespace}_"))
 
 

@@ -21,8 +21,7 @@ import uuid
 from typing import Any
 
 import redis
-from _common import Counter as _Endpoint
-from _common import compare_main
+from _common import compare_main, end_to_end
 
 HOST, PORT = "127.0.0.1", 6379
 PAYLOAD = {"instance_id": "0" * 36, "state": "active", "flavor": {"vcpus": 2}}
@@ -37,26 +36,10 @@ def _drop(namespace: str) -> None:
 
 
 def run_tidings(n: int) -> float:
-    import tidings
-
     namespace = f"bench-{uuid.uuid4().hex[:10]}"
-    transport = tidings.get_notification_transport(f"redisstreams://{HOST}:{PORT}/{namespace}")
-    endpoint = _Endpoint(n)
-    listener = tidings.get_notification_listener(transport, [tidings.Target(topic="bench")],
-                                                 [endpoint])
-    listener.start()
-    notifier = tidings.Notifier(transport, "bench.host", topics=["bench"])
     try:
-        began = time.perf_counter()
-        for _ in range(n):
-            notifier.info({"request_id": "req-1"}, "compute.instance.update", PAYLOAD)
-        if not endpoint.done.wait(300):
-            raise RuntimeError(f"tidings delivered {endpoint.count}/{n}")
-        return n / (time.perf_counter() - began)
+        return end_to_end(f"redisstreams://{HOST}:{PORT}/{namespace}", n)
     finally:
-        listener.stop()
-        listener.wait(30)
-        transport.cleanup()
         _drop(namespace)
 
 

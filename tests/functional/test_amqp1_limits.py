@@ -24,9 +24,9 @@ from tidings import Target
 from tidings.drivers.amqp1.loop import EventLoop
 from tidings.drivers.amqp1.receiving import sniff_id
 from tidings.testing.brokers import rabbit_vhost, require_service
-from tidings.testing.conformance_harness import RawListener
+from tidings.testing.conformance_harness import RawListener, poll_until
 from tidings.transports import envelope
-from tidings.transports.base import Binding, IncomingMessage
+from tidings.transports.base import Binding
 
 WAIT = 15.0
 
@@ -56,16 +56,6 @@ def good(key: str) -> tuple[str, bytes]:
     return message_id, envelope.encode({
         "message_id": message_id, "publisher_id": "test", "event_type": "limits.test",
         "priority": "INFO", "payload": {"key": key}, "timestamp": "2026-01-01 00:00:00"})
-
-
-def poll_until(listener: RawListener, count: int) -> list[IncomingMessage]:
-    got: list[IncomingMessage] = []
-    deadline = time.monotonic() + WAIT
-    while len(got) < count:
-        if time.monotonic() > deadline:
-            pytest.fail(f"got {len(got)} of {count} messages within {WAIT}s")
-        got.extend(listener.poll(0.2))
-    return got
 
 
 def depth(ch: Any, queue: str) -> int:
@@ -101,7 +91,7 @@ def test_message_over_max_message_size_is_rejected_as_it_arrives(
         fits_id, fits = good("fits")
         channel.basic_publish(amqp.Message(fits, message_id=fits_id), exchange="openstack",
                               routing_key=topic)
-        got = poll_until(listener, 2)
+        got = poll_until(listener, 2, WAIT)
         assert got[0].message_id == "too-big" and got[0].body == b""
         assert "over max_message_size" in (got[0].problem or "")
         assert got[1].problem is None and got[1].body == fits
@@ -120,7 +110,7 @@ def _cycle(vhost: str) -> None:
     listener = RawListener(t.listen([Binding("openstack", topic)], None, 10), 10)
     message_id, body = good("k")
     t.send_raw(Target(topic=topic), body, message_id=message_id)
-    for msg in poll_until(listener, 1):
+    for msg in poll_until(listener, 1, WAIT):
         msg.ack()
     listener.close()
     t.cleanup()

@@ -25,7 +25,7 @@ import tidings
 from tidings import NotificationResult, Target
 from tidings.drivers.nats import NatsDriver
 from tidings.testing.brokers import require_service
-from tidings.testing.conformance_harness import RawListener
+from tidings.testing.conformance_harness import RawListener, poll_until
 from tidings.transports import envelope
 from tidings.transports.base import Binding, IncomingMessage, OutgoingMessage
 from tidings.transports.errors import (
@@ -154,16 +154,6 @@ def send_keys(t: tidings.Transport, routing_key: str, keys: list[Any],
 
 def key_of(msg: IncomingMessage) -> Any:
     return envelope.decode(msg.body)["payload"]["key"]
-
-
-def poll_until(listener: RawListener, count: int) -> list[IncomingMessage]:
-    got: list[IncomingMessage] = []
-    deadline = time.monotonic() + WAIT
-    while len(got) < count:
-        if time.monotonic() > deadline:
-            pytest.fail(f"got {len(got)} of {count} messages within {WAIT}s")
-        got.extend(listener.poll(0.2))
-    return got
 
 
 def poll_for(listener: RawListener, window: float) -> list[IncomingMessage]:
@@ -308,7 +298,7 @@ def test_message_id_and_headers_arrive(transports: Any) -> None:
         message_id, body = wire("h")
         t.send_raw(Target(topic=f"{topic}.info"), body, message_id=message_id,
                    headers={"x-key-id": "k1", "x-other": "ü-2"})
-        [msg] = poll_until(receiver, 1)
+        [msg] = poll_until(receiver, 1, WAIT)
         assert msg.message_id == message_id
         assert msg.headers == {"x-key-id": "k1", "x-other": "ü-2"}
         assert (msg.redelivered, msg.delivery_count) == (False, 1)
@@ -344,7 +334,7 @@ def test_requeue_counts_deliveries_across_members(transports: Any) -> None:
     for expected in (1, 2, 3):
         member = RawListener(t.listen([binding], None, 10), 10)
         try:
-            [msg] = poll_until(member, 1)
+            [msg] = poll_until(member, 1, WAIT)
             assert key_of(msg) == "m"
             assert (msg.redelivered, msg.delivery_count) == (expected > 1, expected)
             assert msg.requeue() if expected < 3 else msg.ack()
@@ -366,7 +356,7 @@ def test_rejected_is_terminated_not_redelivered(transports: Any) -> None:
     receiver = RawListener(t.listen([binding], None, 10), 10)
     try:
         send_keys(t, f"{topic}.info", ["bad", "good"])
-        got = poll_until(receiver, 2)
+        got = poll_until(receiver, 2, WAIT)
         for msg in got:
             assert msg.reject() if key_of(msg) == "bad" else msg.ack()
         assert poll_for(receiver, 0.6) == []
@@ -441,7 +431,7 @@ def test_same_message_id_on_two_topics_is_not_deduplicated_but_a_retry_is(
     for topic, count in ((a, 1), (b, 1)):
         r = RawListener(t.listen([Binding("openstack", f"{topic}.info")], None, 10), 10)
         try:
-            got = poll_until(r, count) + poll_for(r, 0.4)
+            got = poll_until(r, count, WAIT) + poll_for(r, 0.4)
             assert [m.message_id for m in got] == [message_id]
             for m in got:
                 m.ack()
@@ -465,7 +455,7 @@ def test_over_max_payload_is_refused_alone(transports: Any) -> None:
         t.send_raw(Target(topic=f"{topic}.info"), big, message_id="big-2")
     r = RawListener(t.listen([Binding("openstack", f"{topic}.info")], None, 10), 10)
     try:
-        got = poll_until(r, 1) + poll_for(r, 0.4)
+        got = poll_until(r, 1, WAIT) + poll_for(r, 0.4)
         assert [m.message_id for m in got] == [small_id]
         got[0].ack()
     finally:

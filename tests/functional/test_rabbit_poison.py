@@ -21,9 +21,9 @@ import pytest
 import tidings
 from tidings import Target
 from tidings.testing.brokers import rabbit_vhost, require_service
-from tidings.testing.conformance_harness import RawListener
+from tidings.testing.conformance_harness import RawListener, poll_until
 from tidings.transports import envelope
-from tidings.transports.base import Binding, IncomingMessage
+from tidings.transports.base import Binding
 
 WAIT = 15.0
 
@@ -85,16 +85,6 @@ def wait_until(check: Callable[[], bool], what: str) -> None:
         time.sleep(0.05)
 
 
-def poll_until(listener: RawListener, count: int) -> list[IncomingMessage]:
-    got: list[IncomingMessage] = []
-    deadline = time.monotonic() + WAIT
-    while len(got) < count:
-        if time.monotonic() > deadline:
-            pytest.fail(f"got {len(got)} of {count} messages within {WAIT}s")
-        got.extend(listener.poll(0.2))
-    return got
-
-
 def publish(ch: Any, routing_key: str, body: bytes, **props: Any) -> None:
     props.setdefault("content_type", "application/json")
     ch.basic_publish(amqp.Message(body, **props),
@@ -117,7 +107,7 @@ def test_undecodable_properties_are_rejected_on_the_same_connection(
                 application_headers={"h": "v"})
         after_id, after = good("after")
         publish(channel, topic, after, message_id=after_id)
-        got = poll_until(listener, 4)
+        got = poll_until(listener, 4, WAIT)
         assert [m.problem is None for m in got] == [True, False, False, True]
         assert got[0].body == before and got[3].body == after
         assert got[1].message_id == "\\xff\\xfe-poison"
@@ -180,7 +170,7 @@ def test_body_over_max_message_size_is_refused_unread(
                 application_headers={"k": "v"})
         fits_id, fits = good("fits")
         publish(channel, topic, fits, message_id=fits_id)
-        got = poll_until(listener, 2)
+        got = poll_until(listener, 2, WAIT)
         assert got[0].message_id == "too-big" and got[0].body == b""
         assert "over max_message_size" in (got[0].problem or "")
         assert got[1].problem is None and got[1].body == fits

@@ -253,6 +253,22 @@ class RawListener:
         self.receiver.close()
 
 
+def poll_until(listener: RawListener, count: int, timeout: float,
+               describe: Callable[[IncomingMessage], Any] | None = None) -> list[IncomingMessage]:
+    """Poll ``listener`` until ``count`` messages have come (more may come in the last poll);
+    fail after ``timeout`` seconds, naming what came (``describe``, else message ids)."""
+    got: list[IncomingMessage] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            shown = [(describe or (lambda m: m.message_id))(m) for m in got]
+            raise AssertionError(f"timed out after {timeout}s waiting for {count} message(s) "
+                                 f"from the driver listener; got {len(got)}: {shown}")
+        got.extend(listener.poll(min(0.2, left)))
+    return got
+
+
 class Harness:
     """Builds everything a scenario needs from one fresh URL and tears it all down after.
 
@@ -405,16 +421,7 @@ class Harness:
     def poll_until(self, listener: RawListener, count: int,
                    timeout: float | None = None) -> list[IncomingMessage]:
         """Poll until ``count`` messages have come (more may come in the last poll)."""
-        got: list[IncomingMessage] = []
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while len(got) < count:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(
-                    f"timed out waiting for {count} message(s) from the driver listener; "
-                    f"got {len(got)}: {[self.key_of(m) for m in got]}")
-            got.extend(listener.poll(min(0.2, left)))
-        return got
+        return poll_until(listener, count, timeout or self.timeout, describe=self.key_of)
 
     def poll_quiet(self, listener: RawListener,
                    window: float | None = None) -> list[IncomingMessage]:
