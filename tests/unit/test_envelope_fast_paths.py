@@ -108,10 +108,11 @@ def test_encode_is_byte_identical_to_json_dumps(message: dict[str, Any]) -> None
 
 def test_signed_bodies_take_the_general_path_and_verify() -> None:
     keys = SigningKeys({"k1": b"0123456789abcdef0123"}, active="k1", require=True)
-    body = envelope.encode({"priority": "INFO", "payload": {"x": 1}}, 2.0, keys)
+    body = envelope.encode({"priority": "INFO", "payload": {"x": 1}}, 2.0, keys,
+                           ("nova", "n.info"))
     message, inner, signature = envelope.decode_envelope(body)
     assert message["payload"] == {"x": 1} and signature["kid"] == "k1"
-    keys.verify(inner, signature)
+    assert keys.verify(inner, signature, [("nova", "n.info")])
 
 
 def test_cycles_and_odd_values_fail_or_encode_as_json_dumps_does() -> None:

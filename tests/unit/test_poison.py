@@ -34,7 +34,8 @@ def _poison_signed_body() -> bytes:
                         "timestamp": "2026-01-01 00:00:00.000000"})
     return json.dumps({"oslo.version": "2.0", "oslo.message": inner,
                        "tidings.signature": {"alg": "hmac-sha256", "kid": "k1",
-                                             "sig": "AAAA"}}).encode()
+                                             "ts": 1796601600000, "ex": "openstack",
+                                             "rk": "s.info", "sig": "AAAA"}}).encode()
 
 
 class Collect:

@@ -32,10 +32,11 @@ from tidings.transports.url import TransportURL
 __all__ = ["MemoryDriver"]
 
 
-# A message waiting in a queue: (body, message_id, headers or None, redelivered). The GC stops
-# tracking such tuples, so no collection ever rescans a backlog (objects made full collections
-# traverse 20,000 waiting messages); only delivered messages (at most prefetch each) are objects.
-_Waiting = tuple[bytes, str, "dict[str, str] | None", bool]
+# A message waiting in a queue: (body, message_id, headers or None, redelivered, exchange,
+# routing key). The GC stops tracking such tuples, so no collection ever rescans a backlog
+# (objects made full collections traverse 20,000 waiting messages); only delivered messages (at
+# most prefetch each) are objects.
+_Waiting = tuple[bytes, str, "dict[str, str] | None", bool, str, str]
 
 
 @dataclass(eq=False)
@@ -63,7 +64,8 @@ class _Broker:
             bound.append(queue)  # in place: routes holds this very list
 
     def publish(self, msg: OutgoingMessage) -> None:
-        waiting = (msg.body, msg.message_id, dict(msg.headers) if msg.headers else None, False)
+        waiting = (msg.body, msg.message_id, dict(msg.headers) if msg.headers else None, False,
+                   msg.exchange, msg.routing_key)
         key = (msg.exchange, msg.routing_key)
         with self.lock:
             bound = self.routes.get(key)
@@ -126,7 +128,9 @@ class _MemoryReceiver(Receiver):
         """Caller holds the broker lock. The queue is the message's token."""
         self._unsettled += 1
         ready = self._ready
-        ready.append(IncomingMessage(*waiting, q))
+        body, message_id, headers, redelivered, exchange, routing_key = waiting
+        ready.append(IncomingMessage(body, message_id, headers, redelivered, q, None, exchange,
+                                     routing_key))
         if len(ready) == 1:  # receive() only waits on an empty deque: wake it once
             self._wakeup.notify()
 
@@ -178,7 +182,8 @@ class _MemoryReceiver(Receiver):
 def _put_back(messages: Sequence[IncomingMessage]) -> None:
     """Back to the head of their queues, the oldest first, marked redelivered."""
     for msg in reversed(messages):
-        msg.token.messages.appendleft((msg.body, msg.message_id, msg.headers or None, True))
+        msg.token.messages.appendleft((msg.body, msg.message_id, msg.headers or None, True,
+                                       msg.exchange, msg.routing_key))
 
 
 class MemoryDriver(Driver):

@@ -29,7 +29,7 @@ from tidings.notify.executors import DEFAULT_POOL_SIZE, workers_for
 from tidings.transports import conf as options
 from tidings.transports.base import Binding, IncomingMessage
 from tidings.transports.envelope import Notification
-from tidings.transports.transport import Target, Transport
+from tidings.transports.transport import Target, Transport, log_rejected
 
 __all__ = ["NotificationListener", "get_batch_notification_listener",
            "get_notification_listener"]
@@ -94,9 +94,10 @@ class NotificationListener:
         breaks the decoder or the serializer in an unforeseen way is this message's problem
         alone."""
         try:
-            note = Notification.from_wire(self.transport.decode(msg))
+            note = Notification.from_wire(self.transport.decode(msg, self.bindings))
         except Exception as exc:
-            self._reject_malformed(msg, exc)
+            log_rejected(msg, exc)
+            msg.reject()
             return None
         if self.dispatcher.plain:
             return note
@@ -107,11 +108,6 @@ class NotificationListener:
                           msg.message_id or note.metadata.get("message_id"))
             msg.reject()
             return None
-
-    @staticmethod
-    def _reject_malformed(msg: IncomingMessage, exc: Exception) -> None:
-        LOG.error("rejecting malformed message %s: %s", msg.message_id or "(no id)", exc)
-        msg.reject()
 
     def _finish(self, msg: IncomingMessage, result: str, message_id: Any) -> None:
         if result == NotificationResult.HANDLED:
@@ -134,6 +130,7 @@ class NotificationListener:
         # the common outcome (handled -> ack) skips _finish().
         dispatch = self.dispatcher.dispatch
         decode = self.transport.decode
+        bindings = self.bindings
         from_wire = Notification.from_wire
         plain = self.dispatcher.plain
         clock = time.perf_counter
@@ -144,9 +141,10 @@ class NotificationListener:
             for msg in messages:
                 if plain:
                     try:
-                        note = from_wire(decode(msg))
+                        note = from_wire(decode(msg, bindings))
                     except Exception as exc:
-                        self._reject_malformed(msg, exc)
+                        log_rejected(msg, exc)
+                        msg.reject()
                         continue
                 else:
                     prepared = self._decode(msg)

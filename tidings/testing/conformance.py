@@ -59,6 +59,7 @@ from tidings.testing.conformance_harness import (
 from tidings.transports.base import Binding, Capabilities, Option
 from tidings.transports.errors import InvalidTransportOption, TransportClosed
 from tidings.transports.loader import load_driver_class
+from tidings.transports.signing import SignatureError, SigningKeys
 from tidings.transports.transport import CORE_OPTIONS, get_notification_transport
 from tidings.transports.url import TransportHost
 
@@ -899,6 +900,59 @@ class DriverConformance:
                for m in "AB"}
         assert ids["A"] == ids["B"], "each topic's copy carries the notification's message_id"
         assert sorted(inbox.keys("A")) == keys and sorted(inbox.keys("B")) == keys
+
+    def test_a_delivery_names_the_route_it_was_sent_to_or_nothing(
+            self, tidings_harness: Harness) -> None:
+        """Driver level: a delivery's ``exchange`` and ``routing_key`` are where it was sent,
+        in the broker's words, or both None where the driver cannot tell (signatures are then
+        checked against the listener's bindings). Never another route."""
+        h = tidings_harness
+        t = h.transport()
+        routes = [(h.default_exchange, f"{h.topic}.info"), (h.default_exchange, f"{h.topic}.error")]
+        listener = h.raw_listener(t, [Binding(*r) for r in routes])
+        sent = {}
+        for exchange, routing_key in routes:
+            message_id, body = h.wire(routing_key)
+            t.send_raw(h.target(routing_key, exchange), body, message_id=message_id, retry=3)
+            sent[routing_key] = (exchange, routing_key)
+        got = h.poll_until(listener, 2)
+        for m in got:
+            route = (m.exchange, m.routing_key)
+            assert route in ((None, None), sent[h.key_of(m)]), (
+                f"a message sent to {sent[h.key_of(m)]} reports {route}")
+            m.ack()
+
+    def test_a_signed_message_re_published_elsewhere_is_rejected(
+            self, tidings_harness: Harness) -> None:
+        """Driver level: signatures bind a message to its exchange and routing key. A captured
+        signed body re-published to another routing key (another priority) or another exchange
+        fails verification there, whatever the driver reports of the route; the same body where
+        it was signed for passes, and after verification the message id is the signed one."""
+        h = tidings_harness
+        keys = SigningKeys({"conformance": b"c" * 32}, active="conformance", require=True)
+        t = h.transport(signing=keys)
+        home = Binding(h.default_exchange, f"{h.topic}.info")
+        moved = [Binding(h.default_exchange, f"{h.topic}.error"),
+                 Binding(f"conf-other-{h.uid}", f"{h.topic}.info")]
+        elsewhere = h.raw_listener(t, moved)
+        at_home = h.raw_listener(t, [home])
+        signed_id = str(uuid.uuid4())
+        captured = t.encode_notification(
+            h.target(home.routing_key),
+            {}, {"message_id": signed_id, "publisher_id": "conformance.host",
+                 "event_type": "conformance.signed", "priority": "INFO",
+                 "payload": {"key": "captured"}, "timestamp": "2026-01-01 00:00:00.000000"})
+        for b in [*moved, home]:
+            t.send_raw(h.target(b.routing_key, b.exchange), captured.body,
+                       message_id="sender-chosen-id", retry=3)
+        for m in h.poll_until(elsewhere, 2):
+            with pytest.raises(SignatureError, match="delivered via"):
+                t.decode(m, moved)
+            assert m.reject()
+        [m] = h.poll_until(at_home, 1)
+        assert t.decode(m, [home])["payload"] == {"key": "captured"}
+        assert m.message_id == signed_id, "after verification the id is the signed one"
+        assert m.ack()
 
     def test_an_idle_listener_gets_a_notification_without_waiting_out_a_poll(
             self, tidings_harness: Harness) -> None:

@@ -44,6 +44,7 @@ from tidings.transports.transport import (
     Transport,
     get_notification_transport,
 )
+from tidings.transports.signing import SigningKeys
 from tidings.transports.url import TransportURL
 
 __all__ = ["Harness", "Inbox", "MemberGate", "Received", "RecordingBatchEndpoint",
@@ -319,8 +320,10 @@ class Harness:
                   for k, v in options.items()]
         return self.base_url.with_query(items)
 
-    def transport(self, *, default_exchange: str = "openstack", **options: Any) -> Transport:
-        t = get_notification_transport(self.url(**options), default_exchange=default_exchange)
+    def transport(self, *, default_exchange: str = "openstack",
+                  signing: SigningKeys | None = None, **options: Any) -> Transport:
+        t = get_notification_transport(self.url(**options), default_exchange=default_exchange,
+                                       signing=signing)
         self._transports.append(t)
         return t
 

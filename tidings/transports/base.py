@@ -183,7 +183,8 @@ class IncomingMessage:
     """One delivery, built by a driver's ``receive()``; the core settles it exactly once.
 
     A driver fills in what the broker said (``body``, ``message_id``, ``headers``,
-    ``redelivered`` and, where the broker counts them, ``delivery_count``) and keeps whatever it
+    ``redelivered``, where the broker counts them ``delivery_count``, and, where the broker says
+    where the delivery was sent, ``exchange`` and ``routing_key``) and keeps whatever it
     needs to settle the delivery later in ``token`` (a delivery tag, a stream entry id, a
     (sender, sequence) pair). A delivery the driver cannot unwrap (headers that are not a
     mapping, a property it cannot read) is still returned, with ``problem`` saying what is wrong:
@@ -195,17 +196,23 @@ class IncomingMessage:
     one message (which on RabbitMQ closes the channel).
     """
 
-    __slots__ = ("_settled", "_sink", "body", "delivery_count", "headers", "message_id",
-                 "problem", "redelivered", "token")
+    __slots__ = ("_settled", "_sink", "body", "delivery_count", "exchange", "headers",
+                 "message_id", "problem", "redelivered", "routing_key", "token")
 
     def __init__(self, body: bytes, message_id: str | None = None,
                  headers: Mapping[str, Any] | None = None, redelivered: bool = False,
-                 token: Any = None, delivery_count: int | None = None) -> None:
+                 token: Any = None, delivery_count: int | None = None,
+                 exchange: str | None = None, routing_key: str | None = None) -> None:
         self.body = body
         self.message_id = message_id
         self.redelivered = redelivered
         self.token = token
         self.delivery_count = delivery_count
+        # Where the message was sent, in the broker's words: signatures bind a message to its
+        # route, and a route the broker vouches for is checked exactly (else the listener's
+        # bindings are the best the core knows). None where the driver cannot tell.
+        self.exchange = exchange
+        self.routing_key = routing_key
         self.problem: str | None = None
         self._settled: str | None = None
         self._sink: Callable[[IncomingMessage], None] | None = None

@@ -256,21 +256,22 @@ def unpack_context(message: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
 
 
 def encode(message: dict[str, Any], version: float = 2.0,
-           signer: SigningKeys | None = None) -> bytes:
+           signer: SigningKeys | None = None, route: tuple[str, str] = ("", "")) -> bytes:
     """Encode a wire message (context already packed) for the given envelope version.
 
     With a ``signer`` that has an active key, the v2 envelope carries a signature over the
-    ``oslo.message`` string (see tidings.transports.signing); v1 bodies cannot be signed.
+    ``oslo.message`` string and ``route``, the (exchange, routing key) it is sent to (see
+    tidings.transports.signing): a signed body is made for one route; v1 bodies cannot be signed.
     """
     if version >= 2.0:
         inner = _dumps_inner(message)
-        signature = signer.sign(inner) if signer is not None else None
+        signature = signer.sign(inner, *route) if signer is not None else None
         tail = "}" if signature is None else f", \"{SIGNATURE_KEY}\": {_dumps(signature)}}}"
         try:
             return (_V2_HEAD + _quote(inner) + tail).encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate: escape it, as oslo.messaging does
             inner = _dumps_ascii(message)
-            signature = signer.sign(inner) if signer is not None else None
+            signature = signer.sign(inner, *route) if signer is not None else None
             tail = "}" if signature is None else \
                 f", \"{SIGNATURE_KEY}\": {_dumps(signature)}}}"
             return (_V2_HEAD + _quote(inner) + tail).encode("utf-8")

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from tidings.transports import conf as options
@@ -36,7 +36,7 @@ from tidings.transports.errors import (
 )
 from tidings.transports.loader import load_driver_class
 from tidings.transports.retry import call_with_retry
-from tidings.transports.signing import SigningKeys
+from tidings.transports.signing import SignatureError, SigningKeys
 from tidings.transports.url import TransportURL, mask_password
 
 __all__ = [
@@ -252,26 +252,30 @@ class Transport:
                             retry: int | None = None) -> None:
         """Send one notification to every target in turn, each under the retry policy.
 
-        Packed and encoded once: every target carries the same bytes. A target whose send
+        Packed and encoded once: every target carries the same bytes, unless this transport
+        signs (a signature is made for one exchange and routing key). A target whose send
         fails for good raises MessageDeliveryFailure and the later ones are not tried.
         """
         self._ensure_open("send")
-        body, message_id = self._encode(ctxt, message, version)
+        signs = self.signing is not None and self.signing.active is not None
+        body = b""
+        message_id = str(message.get("message_id") or uuid.uuid4())
         for target in targets:
             topic = target.topic
             if not topic:  # oslo.messaging's check and message
                 raise InvalidTarget("A topic is required to send", target)
-            self._send_outgoing(OutgoingMessage(target.exchange or self.default_exchange,
-                                                topic, body, message_id), retry)
+            exchange = target.exchange or self.default_exchange
+            if signs or not body:
+                body = self._encode(ctxt, message, version, message_id, (exchange, topic))
+            self._send_outgoing(OutgoingMessage(exchange, topic, body, message_id), retry)
 
-    def _encode(self, ctxt: Mapping[str, Any], message: Mapping[str, Any],
-                version: float) -> tuple[bytes, str]:
-        """The body and message id of a notification, its size checked."""
-        message_id = str(message.get("message_id") or uuid.uuid4())
+    def _encode(self, ctxt: Mapping[str, Any], message: Mapping[str, Any], version: float,
+                message_id: str, route: tuple[str, str]) -> bytes:
+        """The body of a notification for ``route`` (exchange, routing key), its size checked."""
         wire = envelope.pack_context(dict(message), ctxt)  # reads ctxt, fills the copy
-        body = envelope.encode(wire, version, self.signing)
+        body = envelope.encode(wire, version, self.signing, route)
         self._check_size(body, message_id)
-        return body, message_id
+        return body
 
     def _check_size(self, body: bytes, message_id: str) -> None:
         limit = self.options["max_message_size"]
@@ -284,10 +288,11 @@ class Transport:
                             message: Mapping[str, Any],
                             version: float = 2.0) -> OutgoingMessage:
         """The message :meth:`_send_notification` would send (for :meth:`send_many`)."""
-        body, message_id = self._encode(ctxt, message, version)
-        return OutgoingMessage(target.exchange or self.default_exchange,
-                               target.require_topic("A topic is required to send"), body,
-                               message_id)
+        exchange = target.exchange or self.default_exchange
+        topic = target.require_topic("A topic is required to send")
+        message_id = str(message.get("message_id") or uuid.uuid4())
+        body = self._encode(ctxt, message, version, message_id, (exchange, topic))
+        return OutgoingMessage(exchange, topic, body, message_id)
 
     def send_raw(self, target: Target, body: bytes, *, message_id: str,
                  retry: int | None = None, headers: Mapping[str, str] | None = None) -> None:
@@ -400,21 +405,36 @@ class Transport:
                         requeue_delay=(opts["requeue_delay"], opts["requeue_max_delay"]),
                         retryable=self._driver.retryable)
 
-    def decode(self, msg: IncomingMessage) -> dict[str, Any]:
+    def decode(self, msg: IncomingMessage, bindings: Sequence[Binding] = ()) -> dict[str, Any]:
         """Decode an incoming body into the wire message, enforcing max_message_size and, with
-        signing keys, the signature policy. Raises MalformedMessage (reject it) saying why."""
+        signing keys, the signature policy. Raises MalformedMessage (reject it) saying why.
+
+        ``bindings``: what the listener consumes. A signature names the exchange and routing
+        key it was made for; it must match the delivery's own where the driver reports them,
+        else one of ``bindings``. Once a signature is verified, ``msg.message_id`` becomes the
+        signed message id, so every later log line names the id the signer vouched for rather
+        than a transport property any sender can set.
+        """
         limit = self.options["max_message_size"]
         if len(msg.body) > limit:
             raise MalformedMessage(f"{len(msg.body)} bytes is over max_message_size={limit}")
         if self.signing is None:
             return envelope.decode(msg.body)
         message, inner, signature = envelope.decode_envelope(msg.body)
+        if msg.exchange is not None and msg.routing_key is not None:
+            routes: Collection[tuple[str, str]] = ((msg.exchange, msg.routing_key),)
+        else:
+            routes = [(b.exchange, b.routing_key) for b in bindings]
         try:
-            self.signing.verify(inner, signature)
+            verified = self.signing.verify(inner, signature, routes)
         except MalformedMessage:
             raise
-        except Exception as exc:  # e.g. a lone surrogate the MAC cannot encode
+        except Exception as exc:  # anything unforeseen in a hostile body
             raise MalformedMessage(f"its signature cannot be checked: {exc!r}") from exc
+        if verified:
+            signed_id = message.get("message_id")
+            if isinstance(signed_id, str) and signed_id:
+                msg.message_id = signed_id
         return message
 
     def join_consumer_pool(self, callback: Callable[[dict[str, Any]], Any], pool_name: str,
@@ -453,6 +473,7 @@ class ConsumerPoolHandle:
                  pool: str, bindings: list[Binding]) -> None:
         self._transport = transport
         self._callback = callback
+        self._bindings = bindings
         self._consumer = transport.consumer(bindings, pool, self._handle,
                                             name=f"tidings-pool-{pool}")
         self.stats = self._consumer.stats
@@ -463,9 +484,9 @@ class ConsumerPoolHandle:
     def _handle(self, messages: list[IncomingMessage]) -> None:
         for msg in messages:
             try:
-                data = self._transport.decode(msg)
+                data = self._transport.decode(msg, self._bindings)
             except Exception as exc:
-                LOG.error("rejecting malformed message %s: %s", msg.message_id, exc)
+                log_rejected(msg, exc)
                 msg.reject()
                 continue
             try:
@@ -481,6 +502,25 @@ class ConsumerPoolHandle:
         """Stop consuming and wait up to ``timeout`` seconds for the loop to end."""
         self._consumer.stop()
         return self._consumer.wait(timeout)
+
+
+def shown_id(message_id: str | None) -> str:
+    """A message id fit for a log line: any sender sets it, so anything unprintable or long is
+    shown escaped and cut, and a log line can never be forged through it."""
+    if not message_id:
+        return "(no id)"
+    if len(message_id) <= 200 and message_id.isprintable():
+        return message_id
+    return repr(message_id[:200])
+
+
+def log_rejected(msg: IncomingMessage, exc: BaseException) -> None:
+    """Log a delivery rejected because its body cannot be used. After a failed signature check
+    nothing in it is vouched for, so its id is called what it is: unverified."""
+    if isinstance(exc, SignatureError):
+        LOG.error("rejecting message with unverified id %s: %s", shown_id(msg.message_id), exc)
+    else:
+        LOG.error("rejecting malformed message %s: %s", shown_id(msg.message_id), exc)
 
 
 def _conf_and_url(conf: Any, url: Any) -> tuple[Any, Any]:

@@ -132,7 +132,8 @@ class RabbitReceiver(Receiver):
         earlier = headers.get("x-delivery-count") if isinstance(headers, dict) else None
         self._ready.append(IncomingMessage(
             message.body, props.get("message_id"), headers, info["redelivered"], tag,
-            earlier + 1 if isinstance(earlier, int) else None))
+            earlier + 1 if isinstance(earlier, int) else None, info["exchange"],
+            info["routing_key"]))
 
     @staticmethod
     def _on_cancel(consumer_tag: str) -> None:
