@@ -38,13 +38,13 @@ from tidings.transports.base import (
     IncomingMessage,
     Receiver,
 )
+from tidings.transports.signing import SigningKeys
 from tidings.transports.transport import (
     ConsumerPoolHandle,
     Target,
     Transport,
     get_notification_transport,
 )
-from tidings.transports.signing import SigningKeys
 from tidings.transports.url import TransportURL
 
 __all__ = ["Harness", "Inbox", "MemberGate", "Received", "RecordingBatchEndpoint",

@@ -75,6 +75,11 @@ class _State:
         #: Why the broker blocks this connection (an alarm), or None. Nothing is published on
         #: it meanwhile: such a message would sit unconfirmed and arrive after the alarm anyway.
         self.blocked: str | None = None
+        #: The broker refused a message (basic.nack). RabbitMQ 3.10 keeps a channel's state of
+        #: a quorum queue: a channel whose first publish to it found the queue's recorded
+        #: leader dead is refused for that queue from then on, even once another node leads.
+        #: The next send, once nothing here awaits confirmation, takes a new connection.
+        self.nacked = False
 
 
 class Publisher:
@@ -248,6 +253,8 @@ class Publisher:
         pending.wake()
 
     def _confirmed(self, st: _State, tag: int, multiple: bool, error: str | None = None) -> None:
+        if error is not None:
+            st.nacked = True
         queue = st.pending
         if multiple:
             while queue and queue[0][0] <= tag:
@@ -300,6 +307,11 @@ class Publisher:
             raise TransportUnreachable("the rabbit driver was cleaned up; build a new "
                                        "transport to send")
         st = self._state
+        if st is not None and st.link.alive and st.nacked and not st.pending:
+            LOG.info("RabbitMQ at %s refused a message (basic.nack); publishing on a new "
+                     "connection", st.link.endpoint.label)
+            self._state = None
+            st.link.close()
         if st is not None and st.link.alive:
             # After a quiet second, look for a close the broker sent meanwhile (a restart), so
             # this send goes to a new connection instead of failing on the dead one.
