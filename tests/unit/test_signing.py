@@ -71,7 +71,9 @@ def test_required_signatures_reject_unsigned_tampered_and_unknown(
     # The closing "end" notification is unsigned, so it is rejected too: count rejections.
     with caplog.at_level(logging.ERROR):
         ep = Collect()
-        listener = tidings.get_notification_listener(listening, [Target(topic="s")], [ep])
+        # One at a time, in order: once "good" is handled, the three before it are settled.
+        listener = tidings.get_notification_listener(listening, [Target(topic="s")], [ep],
+                                                     executor="blocking")
         listener.start()
         for sender, event in [(unsigned, "unsigned"), (stranger, "unknown-key"),
                               (forger, "tampered"), (signed, "good")]:
@@ -157,7 +159,9 @@ class Both(Collect):
 def _listen(transport: tidings.Transport, targets: list[Target]
             ) -> tuple[tidings.NotificationListener, Both]:
     ep = Both()
-    listener = tidings.get_notification_listener(transport, targets, [ep])
+    # One at a time, in arrival order: once a later message is handled, the rejections of
+    # those before it are counted.
+    listener = tidings.get_notification_listener(transport, targets, [ep], executor="blocking")
     listener.start()
     return listener, ep
 
