@@ -472,3 +472,99 @@ def test_a_deleted_stream_is_made_again_on_the_next_send(transports: Any) -> Non
     rec = Recorder()
     listen(transports, t, topic, rec.endpoint("l"))
     rec.wait_keys(["two"])
+
+
+def test_a_deleted_consumer_is_made_again_while_its_listener_pulls(transports: Any) -> None:
+    t = transports()
+    driver: NatsDriver = t._driver  # type: ignore[assignment]
+    topic = f"delc-{uid()}"
+    rec = Recorder()
+    listen(transports, t, topic, rec.endpoint("l"))
+    send_keys(t, f"{topic}.info", ["one"])
+    rec.wait_keys(["one"])
+    stream, durable = driver.stream_name("openstack"), "g_" + f"{topic}.info".replace(".", "=2E")
+    js_call(lambda js: js.delete_consumer(stream, durable))
+
+    async def made_again(js: Any) -> bool:
+        try:
+            await js.consumer_info(stream, durable)
+            return True
+        except Exception:
+            return False
+
+    # What is sent while no consumer exists has no interest and is dropped (the operator
+    # deleted it): send once the listener made it again.
+    poll_until_true(lambda: js_call(made_again), "the listener made its consumer again")
+    send_keys(t, f"{topic}.info", ["two"])
+    rec.wait_keys(["one", "two"])
+
+
+# -- the sending loop: run by the senders, a keeper between sends ---------------------------
+def test_senders_on_many_threads_are_each_confirmed(transports: Any) -> None:
+    """Eight threads send at once through one transport: whichever thread runs the send loop,
+    every send returns once its own publish ack is in, and every notification arrives once."""
+    t = transports()
+    topic = f"threads-{uid()}"
+    rec = Recorder()
+    listen(transports, t, topic, rec.endpoint("l"), executor="threading")
+    notifier = tidings.Notifier(t, "test", topics=[topic], retry=0, raise_on_failure=True)
+    errors: list[BaseException] = []
+
+    def send(first: int) -> None:
+        try:
+            for key in range(first, first + 100):
+                notifier.info({}, "test.event", {"key": key})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(i * 100,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert not errors and not any(thread.is_alive() for thread in threads), errors
+    rec.wait_keys(list(range(800)))
+    assert sorted(rec.keys()) == list(range(800))
+
+
+def test_between_sends_a_keeper_runs_the_loop_and_gives_it_back(transports: Any) -> None:
+    """After a send the keeper thread takes the send loop (so pings are answered and a lost
+    connection is seen while nobody sends); the next send takes it back at once."""
+    t = transports()
+    driver: NatsDriver = t._driver  # type: ignore[assignment]
+    topic = f"keeper-{uid()}"
+    send_keys(t, f"{topic}.info", ["one"])
+    io = driver.io_for_send()
+    poll_until_true(lambda: io._runner == io._keeper.ident, "the keeper runs the loop")
+    began = time.monotonic()
+    send_keys(t, f"{topic}.info", ["two"])
+    assert time.monotonic() - began < 1.0
+    rec = Recorder()
+    listen(transports, t, topic, rec.endpoint("l"))
+    rec.wait_keys(["one", "two"])
+
+
+def test_a_send_from_inside_a_running_asyncio_loop(transports: Any) -> None:
+    """An application coroutine that calls the (blocking) notifier: its thread already runs an
+    event loop, so the keeper runs the send loop for it."""
+    t = transports()
+    topic = f"async-{uid()}"
+    notifier = tidings.Notifier(t, "test", topics=[topic], retry=0, raise_on_failure=True)
+
+    async def app() -> None:
+        for key in range(3):
+            notifier.info({}, "test.event", {"key": key})
+
+    asyncio.run(asyncio.wait_for(app(), WAIT))
+    rec = Recorder()
+    listen(transports, t, topic, rec.endpoint("l"))
+    rec.wait_keys([0, 1, 2])
+
+
+def poll_until_true(condition: Callable[[], bool], what: str) -> None:
+    """Poll a state we cannot be notified of (which thread runs a loop), bounded."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.01)

@@ -1,4 +1,5 @@
-"""``nats://``: tidings on NATS JetStream, through nats-py (asyncio) on a loop thread of its own.
+"""``nats://``: tidings on NATS JetStream, through nats-py (asyncio): listeners on a loop thread
+of their own, sends on a loop that the sending threads run themselves (``_DrivenLoop``).
 
 The model (docs/nats.md has the whole of it):
 
@@ -10,14 +11,20 @@ The model (docs/nats.md has the whole of it):
   created by the first send as well as by ``listen()`` (``stores_without_listener``), and
   shared by every no-pool listener of that key; a pool is one durable ``p_<pool>_<key>`` per
   routing key it listens to, created by its first member, delivering what is sent from then on;
-* a receiver owns one connection and one inbox; it asks the consumers of its bindings for at
-  most ``max_messages`` in all (pull requests that expire within about a second), so it never
-  takes more than the core can hold; ack is ``+ACK``, requeue ``-NAK``, reject ``+TERM`` (no
-  dead-lettering), and held messages get ``+WPI`` (work in progress) every ``ack_wait / 3``
-  so a slow handler keeps them; ``delivery_count`` is JetStream's ``num_delivered``;
-* a send publishes the whole batch, then awaits every publish ack (``confirmed_send``). A
-  message over the server's ``max_payload`` is refused alone with ``MessageTooLarge``.
-  ``Nats-Msg-Id`` is ``<routing key>/<message id>``: de-duplication never crosses topics.
+* a receiver owns one connection and one inbox; it asks each consumer of its bindings for at
+  most what the core may still take, with at most one pull request open per consumer, so it
+  never takes more than the core can hold. Pulls are paced (see ``_NatsReceiver``): a steady
+  stream arrives in bursts, so one wake-up of each thread serves many messages. Ack is
+  ``+ACK``, requeue ``-NAK``, reject ``+TERM`` (no dead-lettering), sent in batches; held
+  messages get ``+WPI`` (work in progress) every ``ack_wait / 3`` so a slow handler keeps
+  them; ``delivery_count`` is JetStream's ``num_delivered``;
+* a send publishes the whole batch on the sending connection, each message with a reply
+  subject of its own, then waits for every publish ack (``confirmed_send``), running the
+  send loop in the caller's thread meanwhile. A message over the server's ``max_payload`` is
+  refused alone with ``MessageTooLarge``. ``Nats-Msg-Id`` is ``<routing key>/<message id>``:
+  de-duplication never crosses topics;
+* several hosts in the URL are the servers of one cluster; every connection may go to any of
+  them, and a lost one is made again by the core's retry and reconnect policies.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import os
 import ssl
 import threading
 import time
@@ -73,6 +81,9 @@ ID_HEADER = "Tidings-Id"
 _OWN_HEADERS = frozenset({ID_HEADER, "Nats-Msg-Id", "Content-Type", "Content-Encoding"})
 _SETTLE_VERB = {ACK: b"+ACK", REJECT: b"+TERM"}  # anything else (REQUEUE) is -NAK
 _STREAM_IN_USE = 10058
+_SETTLE_BATCH = 0.005  # seconds a receiver's settlements may wait to go out together
+_PACE = 0.005  # under load, a consumer is polled at most this often (see _NatsReceiver)
+_LONG_POLL = 0.5  # seconds an idle consumer's pull request waits for a message
 _LOST = (nats.errors.ConnectionClosedError, nats.errors.NoServersError,
          nats.errors.StaleConnectionError, nats.errors.OutboundBufferLimitError,
          nats.errors.TimeoutError, nats.errors.NoRespondersError, ConnectionError, OSError,
@@ -113,6 +124,8 @@ class _Loop:
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
+            if future.done():  # the coroutine's own timeout (nats-py's are TimeoutErrors too)
+                raise
             future.cancel()
             raise TransportUnreachable(f"NATS did not answer within {timeout} s") from None
 
@@ -137,25 +150,334 @@ class _Loop:
             self.thread.join(5)
 
 
+class _DrivenLoop:
+    """The sending connection's asyncio loop, run by the threads that wait on it.
+
+    A confirmed send waits for its publish acks anyway. Handing the batch to a loop thread
+    and sleeping until that thread wakes the caller costs two thread switches and two
+    hand-overs of the GIL per send, most of what a send costs; so the sending thread runs the
+    loop itself until its acks are in, as an asyncio program awaits in place. A thread that
+    sends while another runs the loop queues its batch there and sleeps; it takes the loop
+    over if its acks are not in when the runner's are. Between sends, after ``GRACE`` seconds
+    without a runner, a keeper thread runs the loop, so that nats-py answers the server's
+    pings and notices a lost connection; a send takes the loop back from it. A thread that
+    already runs an asyncio loop of its own never runs this one: the keeper does.
+    """
+
+    GRACE = 0.05
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._cond = threading.Condition()
+        self._runner: int | None = None  # ident of the thread running the loop
+        self._sleepers = 0  # senders waiting for their acks or for the loop
+        self._urgent = False  # a sender that cannot run the loop waits: no grace period
+        self._idle_since = time.monotonic()
+        self._closing = False
+        self._keeper = threading.Thread(target=self._keep, name="tidings-nats-send",
+                                        daemon=True)
+        self._keeper.start()
+
+    def _keep(self) -> None:
+        me = threading.get_ident()
+        cond = self._cond
+        while True:
+            with cond:
+                while True:
+                    if self._closing:
+                        return
+                    if self._runner is None:
+                        left = 0.0 if self._urgent else \
+                            self._idle_since + self.GRACE - time.monotonic()
+                        if left <= 0:
+                            break
+                    else:
+                        left = self.GRACE
+                    cond.wait(left)  # no notification per send: a look every GRACE at most
+                self._runner = me
+                self._urgent = False
+            try:
+                self.loop.run_forever()
+            finally:
+                with cond:
+                    self._runner = None
+                    self._idle_since = time.monotonic()
+                    cond.notify_all()
+
+    def _release_keeper(self) -> None:
+        """On the loop: stop it if the keeper runs it (a late request finds a sender running
+        it, and must not stop that one's run)."""
+        if threading.current_thread() is self._keeper:
+            self.loop.stop()
+
+    def wait(self, submit: Callable[[], None], job: _Job, timeout: float) -> bool:
+        """Run ``submit()`` on the loop; return True once ``job`` is complete, False after
+        ``timeout`` seconds. Runs the loop in this thread whenever nobody else does."""
+        deadline = time.monotonic() + timeout
+        me = threading.get_ident()
+        cond = self._cond
+        own_loop = asyncio._get_running_loop() is not None
+        queued = False
+        job.on_done = self._done
+        with cond:
+            while True:
+                if not job.left:
+                    return True
+                if self._runner is None and not own_loop and not self._closing:
+                    self._runner = me
+                    break
+                if not queued:  # someone runs the loop (or will): hand it our batch
+                    self.loop.call_soon_threadsafe(submit)
+                    queued = True
+                if self._runner is not None and self._runner == self._keeper.ident:
+                    self.loop.call_soon_threadsafe(self._release_keeper)  # give it back
+                elif own_loop and self._runner is None:
+                    self._urgent = True
+                    cond.notify_all()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._sleepers += 1
+                try:
+                    cond.wait(left)
+                finally:
+                    self._sleepers -= 1
+        try:
+            loop = self.loop
+            if not queued:
+                loop.call_soon(submit)  # this thread runs the loop: no wake-up needed
+            if job.left:
+                job.fut = future = loop.create_future()
+
+                def expire() -> None:
+                    if not future.done():
+                        future.set_result(None)
+
+                timer = loop.call_later(max(0.0, deadline - time.monotonic()), expire)
+                try:
+                    loop.run_until_complete(future)
+                finally:
+                    timer.cancel()
+                    job.fut = None
+            return not job.left
+        finally:
+            with cond:
+                self._runner = None
+                self._idle_since = time.monotonic()
+                if self._sleepers:  # one of them may need the loop now
+                    cond.notify_all()
+
+    def _done(self, job: _Job) -> None:
+        """On the loop: ``job`` is complete. Wake its sender (the runner, or a sleeper)."""
+        future = job.fut
+        if future is not None and not future.done():
+            future.set_result(None)
+        with self._cond:  # a sender about to sleep holds it until it waits
+            if self._sleepers:
+                self._cond.notify_all()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float | None) -> Any:
+        """Run ``coro`` on the loop and return its result (``_Loop.run``'s contract)."""
+        box = _Job(1)
+        out: list[Any] = []
+        tasks: list[asyncio.Future[Any]] = []
+
+        async def wrapper() -> None:
+            try:
+                out.append((True, await coro))
+            except BaseException as exc:
+                out.append((False, exc))
+            finally:
+                box.set(0, None)
+
+        def submit() -> None:
+            tasks.append(asyncio.ensure_future(wrapper()))
+
+        if not self.wait(submit, box, 30.0 if timeout is None else timeout):
+            self.loop.call_soon_threadsafe(lambda: [t.cancel() for t in tasks])
+            raise TransportUnreachable(f"NATS did not answer within {timeout} s")
+        ok, value = out[0]
+        if not ok:
+            raise value
+        return value
+
+    def stop(self) -> None:
+        """Cancel what nats-py still runs on the loop, then stop the keeper."""
+        async def finish() -> None:
+            current = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not current]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=2)
+
+        if not self._closing:
+            try:
+                self.run(finish(), 5)
+            except Exception as exc:
+                LOG.debug("nats: stopping the sending loop: %s", exc)
+        with self._cond:
+            self._closing = True
+            if self._runner is not None and self._runner == self._keeper.ident:
+                self.loop.call_soon_threadsafe(self._release_keeper)
+            self._cond.notify_all()
+        if threading.current_thread() is not self._keeper:
+            self._keeper.join(5)
+
+
+_PENDING: Any = object()  # a message of a _Job whose publish ack has not come yet
+
+
+class _Job:
+    """One ``send_batch()``: a result per message, set on the send loop as its publish acks
+    come. The caller waits on ``done`` (a plain lock, released by the last result): one wake
+    of the caller per batch, not per message."""
+
+    __slots__ = ("done", "fut", "left", "on_done", "results", "sent", "task", "tokens")
+
+    def __init__(self, count: int) -> None:
+        self.results: list[Any] = [_PENDING] * count
+        self.left = count
+        self.tokens: list[str] = []
+        self.task: asyncio.Future[None] | None = None
+        self.sent = 0.0  # loop time the first message was published
+        self.fut: asyncio.Future[None] | None = None  # set when the job completes
+        self.on_done: Callable[[_Job], None] | None = None
+        self.done = threading.Lock()
+        self.done.acquire()
+
+    def set(self, index: int, result: BaseException | None) -> None:
+        if self.results[index] is _PENDING:
+            self.results[index] = result
+            self.left -= 1
+            if not self.left:
+                self.done.release()
+                if self.on_done is not None:
+                    self.on_done(self)
+
+
+class _Link:
+    """The driver's sending connection and the publish acks it still owes, by the token of
+    their reply subject (``<inbox>.<token>``). Publish acks come on one subscription of the
+    link's inbox, so a message costs no request task and no timer of its own. Send loop
+    only."""
+
+    def __init__(self, failure: Callable[[BaseException, str], BaseException],
+                 unanswered: Callable[[_Link, tuple[str, str, str]], None], where: str) -> None:
+        self.where = where  # "nats at <masked URL>", for messages
+        self.failure = failure
+        self.unanswered = unanswered
+        self.nc: Any = None
+        self.js: Any = None
+        self.prefix = ""
+        self.max_payload = 0
+        # token -> (job, index, (subject, stream, no-pool consumer), deadline), oldest first
+        self.waiting: dict[str, tuple[_Job, int, tuple[str, str, str], float]] = {}
+        self.timer: asyncio.TimerHandle | None = None  # at the oldest one's deadline
+        self.lost: str | None = None
+        self._seq = 0
+
+    def open(self, nc: Any, js: Any) -> None:
+        self.nc, self.js = nc, js
+        self.prefix = nc.new_inbox() + "."
+        self.max_payload = nc.max_payload
+
+    def expect(self, job: _Job, index: int, route: tuple[str, str, str],
+               deadline: float) -> str:
+        """A token for the reply subject of message ``index`` of ``job``, whose ack fails
+        as unreachable after ``deadline`` (loop time)."""
+        self._seq += 1
+        token = f"{self._seq:x}"
+        self.waiting[token] = (job, index, route, deadline)
+        job.tokens.append(token)
+        return token
+
+    async def on_ack(self, msg: Any) -> None:
+        entry = self.waiting.pop(msg.subject[len(self.prefix):], None)
+        if entry is None:  # its caller stopped waiting
+            return
+        job, index, route, _ = entry
+        stream = route[1]
+        status = msg.headers.get("Status") if msg.headers else None
+        try:
+            if status == "503":  # nothing listens on the subject: no stream, or no leader
+                self.unanswered(self, route)
+                raise nats.js.errors.NoStreamResponseError
+            if status is not None:
+                raise nats.js.errors.ServiceUnavailableError(
+                    code=int(status), description=msg.headers.get("Description"))
+            reply = json.loads(msg.data)
+            if "error" in reply:
+                nats.js.errors.APIError.from_error(reply["error"])  # raises it
+        except Exception as exc:
+            job.set(index, self.failure(exc, stream))
+        else:
+            job.set(index, None)
+
+    def lose(self, exc: TransportUnreachable) -> None:
+        """The connection went: every publish ack it still owed fails, retryable."""
+        if self.lost is None:
+            self.lost = str(exc)
+        waiting, self.waiting = self.waiting, {}
+        for job, index, _, _ in waiting.values():
+            job.set(index, exc)
+
+    def watch(self) -> None:
+        """Expire unacknowledged messages at their deadline: one timer for the link, at the
+        oldest one's (every message waits the same ``send_timeout``), not one per send."""
+        if self.timer is None and self.waiting:
+            deadline = next(iter(self.waiting.values()))[3]
+            self.timer = asyncio.get_running_loop().call_at(deadline, self._sweep)
+
+    def _sweep(self) -> None:
+        self.timer = None
+        now = asyncio.get_running_loop().time()
+        while self.waiting:
+            token, (job, index, _, deadline) = next(iter(self.waiting.items()))
+            if deadline > now:
+                break
+            del self.waiting[token]
+            job.set(index, TransportUnreachable(
+                f"{self.where}: no publish ack within {deadline - job.sent:g} s"))
+        self.watch()
+
+
 class _NatsReceiver(Receiver):
     """The consumers of one listener's bindings, pulled through one inbox on a connection of
-    its own. ``_ready``, ``_credit`` and the flags are shared with the loop thread under
-    ``_cond``."""
+    its own. ``_ready``, ``_credit``, ``_held``, ``_room`` and the flags are shared with the
+    loop thread under ``_cond``.
+
+    Pulling is paced so that a steady stream arrives in bursts: each consumer has at most one
+    pull request open. An idle consumer waits on a long poll for one message; once messages
+    flow, it is polled (``no_wait``) for all the core may take, at most every ``_PACE``
+    seconds, or again at once when a poll came back full (a backlog). One wake-up of the loop
+    and of the poll thread then serves a burst instead of each message, which is most of what
+    a message costs in Python threads; a message waits at most ``_PACE`` more under load.
+    """
 
     def __init__(self, driver: NatsDriver, consumers: list[tuple[str, str, str, DeliverPolicy]],
-                 prefetch: int) -> None:
+                 prefetch: int, routes: dict[str, tuple[str, str]],
+                 purpose: str = "listener") -> None:
         self._driver, self._io = driver, driver.io()
+        self._purpose = purpose
+        self._routes = routes  # subject -> the (exchange, routing key) it was sent to
         self._consumers = [(stream, durable) for stream, durable, _, _ in consumers]
+        self._specs = consumers  # (stream, durable, subject, deliver policy), by index
+        self._js: Any = None
         self._index = {c: i for i, c in enumerate(self._consumers)}
         self._cond = threading.Condition()
         self._ready: deque[IncomingMessage] = deque()
-        self._credit: dict[str, list[float]] = {}  # reply subject -> [messages left, deadline]
+        # reply subject of an open pull request -> [messages left, deadline, consumer index,
+        # messages asked, whether it is a poll (no_wait)]
+        self._credit: dict[str, list[Any]] = {}
+        self._timers: list[asyncio.TimerHandle | None] = [None] * len(self._consumers)
+        self._room = prefetch  # what the core may still take, as of its last receive()
         self._held: dict[int, Any] = {}  # id(token) -> nats Msg handed to the core, unsettled
         self._woken = self._closed = False
         self._lost: str | None = None
         self._seq = 0
         self._ack_wait = driver.conf["ack_wait"]
-        self._progress_at = time.monotonic() + self._ack_wait / 3
+        self._progress: asyncio.TimerHandle | None = None
         self._olock = threading.Lock()
         self._outbox: list[tuple[str, bytes, str]] = []
         self._posting = False
@@ -163,7 +485,6 @@ class _NatsReceiver(Receiver):
         self._nc: Any = None
         self._inbox = ""
         self._sub: Any = None
-        self._expires = 0.0  # the longest pull request expiry asked for
         self._late: list[str] = []  # delivered while closing: handed back last
         self._requeued: list[str] = []  # requeued since the last receive()
         try:
@@ -175,13 +496,24 @@ class _NatsReceiver(Receiver):
             raise
 
     async def _open(self, consumers: list[tuple[str, str, str, DeliverPolicy]]) -> None:
-        self._nc = await self._driver.connect(self._on_lost)
-        js = self._nc.jetstream()
+        self._nc = await self._driver.connect(self._on_lost, self._purpose)
+        self._driver.check_server(self._nc)
+        js = self._nc.jetstream(timeout=self._driver.conf["connect_timeout"])
+        self._js = js
         for stream, durable, subject, policy in consumers:
-            await self._driver.ensure(js, stream, durable, subject, policy)
+            try:
+                await self._driver.ensure(js, stream, durable, subject, policy)
+            except (*_LOST, nats.js.errors.ServiceUnavailableError) as exc:
+                # No answer (a cluster electing a leader, a server too busy): the core
+                # listens again under its backoff.
+                text = mask_password(str(exc)) or type(exc).__name__
+                raise TransportUnreachable(
+                    f"nats at {self._driver.url.masked()}: JetStream did not confirm the "
+                    f"consumer {durable} of {stream}: {text}") from None
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._on_msg)
         await self._nc.flush()
+        self._progress = self._io.loop.call_later(self._ack_wait / 3, self._keep_held)
 
     async def _on_lost(self, *_: Any) -> None:
         with self._cond:
@@ -198,19 +530,36 @@ class _NatsReceiver(Receiver):
                 status = headers.get("Status")
                 if status is None or status == "100":
                     return
-                self._credit.pop(msg.subject, None)
+                credit = self._credit.pop(msg.subject, None)
                 desc = headers.get("Description", "")
-                if status == "503" or "Deleted" in desc:
-                    self._lost = f"its JetStream consumer went away ({status} {desc})"
-                self._cond.notify_all()
+                if "push" in desc:  # someone made it a push consumer: listen again
+                    self._lost = f"its JetStream consumer cannot be pulled ({status} {desc})"
+                    self._cond.notify_all()
+                elif credit is not None and (status == "503" or "Deleted" in desc):
+                    # No consumer answered (a replicated one electing a leader) or it was
+                    # deleted: pull again shortly, and make it again meanwhile if it is gone.
+                    self._recheck(credit[2])
+                    self._pace(credit[2], 0.2)
+                elif credit is not None:
+                    if status not in ("404", "408"):  # e.g. 409 Exceeded MaxWaiting: later
+                        self._pace(credit[2], 0.1)
+                    elif credit[4] and credit[0] < credit[3]:  # a poll that found some
+                        self._pace(credit[2])
+                    else:  # nothing there (or a long poll ran out): wait for the next one
+                        self._pull(credit[2], poll=False)
                 return
             incoming, consumer = _unwrap(msg)
+            incoming.exchange, incoming.routing_key = self._routes.get(msg.subject, (None, None))
             index = self._index.get(consumer) if consumer is not None else None
-            for reply, credit in self._credit.items():  # the oldest open request of that consumer
+            for reply, credit in self._credit.items():  # its consumer's open request
                 if credit[2] == index:
                     credit[0] -= 1
-                    if credit[0] <= 0:
+                    if credit[0] <= 0:  # the request is done: no end of request will come
                         del self._credit[reply]
+                        if credit[4]:  # a full poll: a backlog waits, poll again now
+                            self._pull(credit[2], poll=True)
+                        else:  # the first message after a quiet spell: poll for the rest soon
+                            self._pace(credit[2])
                     break
             if self._closed:  # arrived while closing: handed back by _shutdown()
                 self._late.append(msg.reply)
@@ -218,117 +567,170 @@ class _NatsReceiver(Receiver):
             self._ready.append(incoming)
             if len(self._ready) == 1:
                 self._cond.notify_all()
-
-    def _ask(self, max_messages: int, expires: float) -> None:
-        """Pull requests for what the core may still take: each consumer is asked for at most
-        ``max_messages`` minus what is buffered and what it still owes, so one routing key is
-        fetched exactly; k keys may bring up to k times that (kept here until asked for).
-        Caller holds ``_cond``."""
-        now = time.monotonic()
-        owed = [0] * len(self._consumers)
-        for subject, (left, deadline, index) in list(self._credit.items()):
-            if deadline < now:  # its end of request never came: stop counting it
-                del self._credit[subject]
-            else:
-                owed[int(index)] += int(left)
-        room = max_messages - len(self._ready)
-        if room <= 0 or self._nc is None:
-            return
-        requests = []
-        for index, (stream, durable) in enumerate(self._consumers):
-            batch = room - owed[index]
-            if batch <= 0 or (owed[index] and batch * 2 < room):  # fewer, larger requests
-                continue
-            self._seq += 1
-            reply = f"{self._inbox}.{self._seq}"
-            self._credit[reply] = [batch, now + expires + 5, index]
-            requests.append((f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}", json.dumps(
-                {"batch": batch, "expires": int(expires * 1e9)}).encode(), reply))
-        if requests:
-            self._post(requests)
-
-    def _post(self, items: list[tuple[str, bytes, str]]) -> None:
-        """Queue (subject, payload, reply) publishes for the loop: one wake-up per burst."""
         with self._olock:
-            self._outbox.extend(items)
             if self._posting:
                 return
             self._posting = True
-        self._io.loop.call_soon_threadsafe(self._start_drain)
+        # Its settlement, and those of the deliveries that follow within _SETTLE_BATCH, go
+        # out in one drain: settle() then needs no wake-up of this loop per message.
+        self._io.loop.call_later(_SETTLE_BATCH, self._start_drain)
+
+    def _recheck(self, index: int) -> None:
+        """Make consumer ``index`` again if it is gone, in the background (any thread)."""
+        if self._js is None or self._closed:
+            return
+        if threading.get_ident() == self._io.thread.ident:
+            self._driver.recheck(self._js, *self._specs[index])
+        else:
+            self._io.loop.call_soon_threadsafe(self._driver.recheck, self._js,
+                                               *self._specs[index])
+
+    def _pace(self, index: int, delay: float = _PACE) -> None:
+        """Poll consumer ``index`` in ``delay`` seconds. Loop thread, ``_cond`` held."""
+        if self._timers[index] is None and not self._closed:
+            self._timers[index] = self._io.loop.call_later(delay, self._paced, index)
+
+    def _paced(self, index: int) -> None:
+        with self._cond:
+            self._timers[index] = None
+            self._pull(index, poll=True)
+
+    def _pull(self, index: int, poll: bool) -> None:
+        """One pull request to consumer ``index`` for what the core may still take (the room
+        of its last ``receive()`` minus what is buffered), unless it has one open or a poll
+        scheduled. ``poll``: answered at once, with what is there; else a long poll for one
+        message. A consumer with no room is left alone until ``receive()`` finds room again:
+        on *k* routing keys, up to *k* times the room may be buffered here (never handed over
+        beyond it). ``_cond`` held, any thread."""
+        if self._closed or self._nc is None or self._timers[index] is not None:
+            return
+        now = time.monotonic()
+        for reply, credit in list(self._credit.items()):
+            if credit[2] == index:
+                if credit[1] >= now:
+                    return
+                # Its end never came: a consumer that does not exist (deleted) answers
+                # nothing, nor does one whose leader died with the request.
+                del self._credit[reply]
+                self._recheck(index)
+        room = self._room - len(self._ready)
+        if room <= 0:
+            return
+        stream, durable = self._consumers[index]
+        self._seq += 1
+        reply = f"{self._inbox}.{self._seq}"
+        if poll:
+            request: dict[str, Any] = {"batch": room, "no_wait": True}
+            self._credit[reply] = [room, now + 2.0, index, room, True]
+        else:
+            request = {"batch": 1, "expires": int(_LONG_POLL * 1e9)}
+            self._credit[reply] = [1, now + _LONG_POLL + 2.0, index, 1, False]
+        self._post([(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+                     json.dumps(request).encode(), reply)], urgent=True)
+
+    def _post(self, items: list[tuple[str, bytes, str]], urgent: bool = False) -> None:
+        """Queue (subject, payload, reply) publishes for the loop: one wake-up per burst.
+
+        Settlements ride on a drain already due (at most ``_SETTLE_BATCH`` away); an
+        ``urgent`` one (a pull request: deliveries wait for it) wakes the loop now."""
+        with self._olock:
+            self._outbox.extend(items)
+            if self._posting and not urgent:
+                return
+            self._posting = True
+        if threading.get_ident() == self._io.thread.ident:
+            self._io.loop.call_soon(self._start_drain)
+        else:
+            self._io.loop.call_soon_threadsafe(self._start_drain)
 
     def _start_drain(self) -> None:
         self._drainer = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        while True:
-            with self._olock:
-                items, self._outbox = self._outbox, []
-                if not items or self._nc is None:
-                    self._posting = False
-                    return
-            try:
-                for subject, payload, reply in items:
-                    await self._nc.publish(subject, payload, reply=reply)
-            except Exception as exc:  # the connection went: receive() or settle() says so
-                LOG.debug("nats: publishing from a receiver: %s", exc)
+        items: list[tuple[str, bytes, str]] = []
+        try:
+            while True:
                 with self._olock:
-                    self._outbox.clear()
-                    self._posting = False
-                return
+                    items, self._outbox = self._outbox, []
+                    nc = self._nc
+                    if not items or nc is None:
+                        self._posting = False
+                        return
+                for subject, payload, reply in items:
+                    await nc.publish(subject, payload, reply=reply)
+        except Exception as exc:  # the connection went: receive() or settle() says so
+            LOG.debug("nats: publishing from a receiver: %s", exc)
+            with self._olock:
+                self._outbox.clear()
+                self._posting = False
+        finally:
+            with self._cond:  # an interrupt() while this drain was due left its wake-up here
+                if self._woken:
+                    self._cond.notify_all()
 
     def receive(self, max_messages: int, timeout: float) -> Sequence[IncomingMessage]:
         deadline = time.monotonic() + timeout
         if self._requeued:
             self._post([(r, b"-NAK", "") for r in self._requeued])
             self._requeued = []
-        if deadline > self._progress_at:
-            self._keep_held()
         with self._cond:
+            self._room = max_messages
             while True:
                 if self._lost is not None:
                     raise TransportUnreachable(f"nats at {self._driver.url.masked()}: "
                                                f"{self._lost}")
                 if self._ready or self._woken or self._closed:
                     break
-                self._expires = max(self._expires, min(max(timeout, 0.5), 5.0))
-                self._ask(max_messages, min(max(timeout, 0.5), 5.0))
+                for index in range(len(self._consumers)):  # idle ones (no room before)
+                    self._pull(index, poll=True)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
             self._woken = False
             out = [self._ready.popleft() for _ in range(min(max_messages, len(self._ready)))]
-        for msg in out:
-            self._held[id(msg.token)] = msg.token
+            self._room = max_messages - len(out)
+            for msg in out:
+                self._held[id(msg.token)] = msg.token
         return out
 
     def _keep_held(self) -> None:
-        """Work in progress for every message this receiver has and nobody settled: JetStream
-        would hand it to another member once ``ack_wait`` passed."""
-        self._progress_at = time.monotonic() + self._ack_wait / 3
+        """Work in progress, every ``ack_wait / 3``, for every message this receiver has and
+        nobody settled: JetStream would hand it to another member once ``ack_wait`` passed.
+        On the loop, so it goes on while the poll thread waits for room."""
         with self._cond:
+            if self._closed:
+                return
             replies = [m.reply for m in self._held.values()]
             replies += [m.token.reply for m in self._ready]
-        if replies and self._nc is not None:
-            self._post([(r, b"+WPI", "") for r in replies])
+            self._progress = self._io.loop.call_later(self._ack_wait / 3, self._keep_held)
+        if replies:
+            self._post([(r, b"+WPI", "") for r in replies], urgent=True)
 
     def interrupt(self) -> None:
+        """Wake the poll thread, or leave it to the drain that is due within _SETTLE_BATCH
+        (it wakes the poll thread when it ends): the settlements of a burst then cost one
+        wake-up, not one each."""
         with self._cond:
             self._woken = True
-            self._cond.notify_all()
+            with self._olock:
+                due = self._posting
+            if not due:
+                self._cond.notify_all()
 
     def settle(self, outcomes: Sequence[Outcome]) -> None:
         if self._lost is not None or self._nc is None or self._nc.is_closed:
             raise TransportUnreachable(f"nats at {self._driver.url.masked()}: "
                                        f"{self._lost or 'the connection is closed'}")
         items = []
-        for msg, how in outcomes:
-            self._held.pop(id(msg.token), None)
-            verb = _SETTLE_VERB.get(how)
-            if verb is None:  # requeue: at the next receive(), or by close() once we are gone
-                self._requeued.append(msg.token.reply)
-            else:
-                items.append((msg.token.reply, verb, ""))
+        with self._cond:
+            for msg, how in outcomes:
+                self._held.pop(id(msg.token), None)
+                verb = _SETTLE_VERB.get(how)
+                if verb is None:  # requeue: at the next receive(), or by close() once gone
+                    self._requeued.append(msg.token.reply)
+                else:
+                    items.append((msg.token.reply, verb, ""))
         if items:
             self._post(items)
 
@@ -340,6 +742,10 @@ class _NatsReceiver(Receiver):
             leftovers = [m.token.reply for m in self._ready] + self._requeued
             self._ready.clear()
             self._cond.notify_all()
+            timers = [*self._timers, self._progress]
+        for timer in timers:
+            if timer is not None:
+                self._io.loop.call_soon_threadsafe(timer.cancel)
         try:
             # Handed back through the sending connection once ours is closed (see _shutdown)
             self._driver.hand_back(self._io.run(self._shutdown(leftovers), 10))
@@ -360,13 +766,25 @@ class _NatsReceiver(Receiver):
             # before) to our pull requests still open: let them end first (within their
             # expiry), collecting what they bring, then close, then hand it all back through
             # the driver's sending connection.
-            deadline = time.monotonic() + self._expires + 1
+            deadline = time.monotonic() + _LONG_POLL + 1
             while self._credit and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             await nc.close()
         except Exception as exc:
             LOG.debug("nats: closing a receiver's connection: %s", exc)
         return leftovers + self._late
+
+
+async def _twice(call: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+    """A JetStream API call, asked again once if it went unanswered: a replicated stream or
+    consumer that was just made (or lost its leader) may not answer a first request on
+    nats-server 2.9 although it answers the next one."""
+    try:
+        return await call(*args)
+    except nats.errors.TimeoutError:
+        LOG.debug("nats: %s%s went unanswered; asking again", getattr(call, "__name__", call),
+                  args[:1])
+        return await call(*args)
 
 
 def _unwrap(msg: Any) -> tuple[IncomingMessage, tuple[str, str] | None]:
@@ -376,9 +794,14 @@ def _unwrap(msg: Any) -> tuple[IncomingMessage, tuple[str, str] | None]:
     headers = {k: v for k, v in raw.items() if k not in _OWN_HEADERS}
     problem, consumer = None, None
     try:
-        meta = msg.metadata
-        count = int(meta.num_delivered)
-        consumer = (meta.stream, meta.consumer)
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>
+        # or, with a domain and account hash, $JS.ACK.<domain>.<hash>.<stream>... (11+ tokens)
+        tokens = msg.reply.split(".")
+        at = 2 if len(tokens) == 9 else 4 if len(tokens) >= 11 else -1
+        if at < 0 or tokens[0] != "$JS" or tokens[1] != "ACK":
+            raise ValueError(f"{msg.reply!r} is not a JetStream ack subject")
+        count = int(tokens[at + 2])
+        consumer = (tokens[at], tokens[at + 1])
     except Exception as exc:
         count, problem = 1, f"its JetStream metadata cannot be read ({exc})"
     out = IncomingMessage(msg.data, raw.get(ID_HEADER), headers, count > 1, token=msg,
@@ -411,6 +834,10 @@ class NatsDriver(Driver):
         "storage": Option(str, "file", "JetStream storage of the streams tidings creates: file "
                           "(survives a restart, durable) or memory", choices=("file", "memory")),
         "replicas": Option(_within(int, 1, 5), 1, "replicas of each stream (1 to 5)"),
+        "retention": Option(str, "interest", "when a message leaves its stream: interest "
+                            "(once every consumer of its subject acknowledged it) or limits "
+                            "(after max_age; consumers keep their own place)",
+                            choices=("interest", "limits")),
         "ack_wait": Option(_within(float, 1, 86400), 30.0, "seconds (1 to 86400) before "
                            "JetStream redelivers a message whose listener vanished; held "
                            "messages are kept alive with in-progress acks"),
@@ -446,14 +873,18 @@ class NatsDriver(Driver):
             self.capabilities = Capabilities(**{**type(self).capabilities.as_dict(),
                                                 "durable": False})
         self._io: _Loop | None = None  # the receivers'
-        self._send_io: _Loop | None = None
+        self._send_io: _DrivenLoop | None = None
         self._io_lock = threading.Lock()
         self._users = 0
         self._cleaned = False
-        self._nc: Any = None
-        self._js: Any = None
+        self._link: _Link | None = None  # the sending connection (send loop only)
         self._connecting: asyncio.Lock | None = None
         self._ensured: set[tuple[str, str]] = set()
+        # (exchange, routing key) -> (subject, stream, no-pool consumer), computed once
+        self._targets: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self._publishing: set[asyncio.Future[None]] = set()
+        self._warned = False
+        self._checking: set[tuple[str, str]] = set()  # (stream, durable) being checked again
 
     def _server(self, host: Any) -> str:
         if host.hostname is None and host.port is None:
@@ -492,20 +923,33 @@ class NatsDriver(Driver):
             if self._cleaned and self._users == 0 and self._io is not None:
                 self._io.stop()
 
-    async def connect(self, on_lost: Callable[..., Any] | None = None) -> Any:
+    async def connect(self, on_lost: Callable[..., Any] | None = None,
+                      purpose: str = "publisher") -> Any:
+        """A connection to the first server of the URL's list (nats-py shuffles it) that
+        answers. nats-py's own reconnect is off: a lost connection fails what it carried, and
+        the core's retry and reconnect policies make a new one, to any server of the list.
+        Each server is tried twice, 0.1 s apart, so that servers that refuse fail the connect
+        at once (nats-py would go round the list for ever). Its name (``tidings <purpose>
+        pid=<pid>``) is what the server's monitoring shows."""
         conf = self.conf
         kwargs: dict[str, Any] = {
-            "servers": self.servers, "allow_reconnect": False, "max_reconnect_attempts": 0,
+            "servers": self.servers, "allow_reconnect": False, "max_reconnect_attempts": 1,
+            "reconnect_time_wait": 0.1,
             "connect_timeout": conf["connect_timeout"], "ping_interval": 20,
-            "max_outstanding_pings": 3, "name": "tidings", "token": conf["token"],
+            "max_outstanding_pings": 3, "name": f"tidings {purpose} pid={os.getpid()}",
+            "token": conf["token"],
             "nkeys_seed_str": conf["nkey_seed"], "user_credentials": conf["creds_file"],
         }
         if self.tls:
             kwargs["tls"] = _ssl_context(conf)
             kwargs["tls_hostname"] = conf["tls_hostname"]
 
+        last: list[str] = []  # why the last server failed: "no servers available" says less
+
         async def quiet(exc: Exception) -> None:
-            LOG.debug("nats: %s", mask_password(str(exc)))
+            text = mask_password(str(exc)) or type(exc).__name__
+            LOG.debug("nats: %s", text)
+            last[:] = [text]
 
         kwargs["error_cb"] = quiet
         if on_lost is not None:
@@ -513,72 +957,226 @@ class NatsDriver(Driver):
         try:
             return await nats.connect(**kwargs)
         except Exception as exc:
+            text = mask_password(str(exc)) or type(exc).__name__
+            if isinstance(exc, nats.errors.NoServersError) and last:
+                text = last[0]
             raise TransportUnreachable(
-                f"nats could not connect to {self.url.masked()}: "
-                f"{mask_password(str(exc)) or type(exc).__name__}; check that nats-server is "
-                f"running with JetStream (-js) and the credentials") from None
+                f"nats could not connect to {self.url.masked()}: {text}; check that "
+                f"nats-server is running with JetStream (-js) and the credentials") from None
 
-    async def _sender(self) -> Any:
+    def check_server(self, nc: Any) -> None:
+        """Warn once about a replicated interest stream on a server older than 2.11, where
+        each replica removes acknowledged messages on its own (nats-io/nats-server#6140 made
+        that one decision in 2.11): on nats-server 2.9.10, with more than one consumer (the
+        group and a pool), the slower consumer was seen to miss messages the other had
+        acknowledged, with or without faults (docs/nats.md, "A JetStream cluster")."""
+        if self._warned or self.conf["replicas"] < 2 or self.conf["retention"] != "interest":
+            return
+        self._warned = True
+        version = getattr(nc, "connected_server_version", None)
+        major, minor = getattr(version, "major", 0), getattr(version, "minor", 0)
+        if (major, minor) < (2, 11):
+            LOG.warning("nats at %s: replicas=%d with retention=interest on nats-server %s: "
+                        "servers before 2.11 can drop a message from a replicated stream "
+                        "before every consumer (group and pools) acknowledged it; use "
+                        "retention=limits with max_age, or nats-server 2.11 or later",
+                        self.url.masked(), self.conf["replicas"],
+                        f"{major}.{minor}" if major else "(unknown version)")
+
+    async def _sender(self) -> _Link:
+        """The sending connection, made (again) when there is none or it was lost."""
+        link = self._link
+        if link is not None and link.lost is None and not link.nc.is_closed:
+            return link
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._nc is None or self._nc.is_closed:
-                self._nc = await self.connect()
-                self._js = self._nc.jetstream(timeout=self.conf["connect_timeout"])
-                self._ensured.clear()
-        return self._nc
+            link = self._link
+            if link is None or link.lost is not None or link.nc.is_closed:
+                link = _Link(self._failure, lambda link, route: self.recheck(
+                    link.js, route[1], route[2], route[0], DeliverPolicy.ALL),
+                    f"nats at {self.url.masked()}")
+                lost_link = link
+
+                async def lost(*_: Any) -> None:
+                    lost_link.lose(TransportUnreachable(
+                        f"nats at {self.url.masked()}: the connection to NATS was lost"))
+
+                nc = await self.connect(lost)
+                self.check_server(nc)
+                link.open(nc, nc.jetstream(timeout=self.conf["connect_timeout"]))
+                try:
+                    await nc.subscribe(link.prefix + "*", cb=link.on_ack)
+                except Exception:
+                    await nc.close()
+                    raise
+                self._link = link
+        return link
+
+    def recheck(self, js: Any, stream: str, durable: str, subject: str,
+                policy: DeliverPolicy) -> None:
+        """Nothing answered on a stream or consumer made before: a replicated one electing a
+        leader (it answers nothing for seconds, its API calls neither), or one deleted under
+        us. Make it again if it is gone, in the background on the running loop, so that
+        sends and pulls go on retrying meanwhile instead of waiting on JetStream's API."""
+        if (stream, durable) in self._checking:
+            return
+        self._checking.add((stream, durable))
+
+        async def check() -> None:
+            try:
+                await self.ensure(js, stream, durable, subject, policy, again=True)
+            except Exception as exc:
+                LOG.debug("nats: checking %s/%s: %s", stream, durable, exc)
+            finally:
+                self._checking.discard((stream, durable))
+
+        task = asyncio.ensure_future(check())
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
     async def ensure(self, js: Any, stream: str, durable: str, subject: str,
-                     policy: DeliverPolicy) -> None:
+                     policy: DeliverPolicy, again: bool = False) -> None:
         """The stream and the durable consumer exist (created as configured, or kept as they
-        are if someone made them otherwise)."""
-        if (stream, "") not in self._ensured:
+        are if someone made them otherwise). ``again``: ask JetStream even if they were made
+        before (they may have been deleted since)."""
+        if again or (stream, "") not in self._ensured:
             config = StreamConfig(
                 name=stream, subjects=[subject.rsplit(".", subject.count(".") - 2)[0] + ".>"],
-                retention=RetentionPolicy.INTEREST, num_replicas=self.conf["replicas"],
+                retention=RetentionPolicy(self.conf["retention"]),
+                num_replicas=self.conf["replicas"],
                 storage=StorageType(self.conf["storage"]), max_age=self.conf["max_age"] or None)
             try:
-                await js.add_stream(config)
+                await _twice(js.add_stream, config)
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != _STREAM_IN_USE:
                     raise
             self._ensured.add((stream, ""))
-        if (stream, durable) in self._ensured:
+        if not again and (stream, durable) in self._ensured:
             return
         consumer = ConsumerConfig(
             durable_name=durable, deliver_policy=policy, ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.conf["ack_wait"], filter_subject=subject, max_ack_pending=-1,
             max_deliver=-1)
         try:
-            await js.add_consumer(stream, consumer)
-        except nats.js.errors.APIError:
-            await js.consumer_info(stream, durable)  # there already, made otherwise: use it
+            await _twice(js.consumer_info, stream, durable)  # there already: used as it is
+        except nats.js.errors.NotFoundError:
+            try:
+                await _twice(js.add_consumer, stream, consumer)
+            except nats.js.errors.APIError:
+                await _twice(js.consumer_info, stream, durable)  # made meanwhile elsewhere
         self._ensured.add((stream, durable))
 
     # -- sending --------------------------------------------------------------------------
     def send_batch(self, messages: Sequence[OutgoingMessage],
                    timeout: float | None) -> list[BaseException | None]:
+        """Publish the batch and wait for its publish acks, running the send loop in this
+        thread meanwhile (``_DrivenLoop``): a batch costs one round trip to the server and no
+        hand-over to another thread."""
         if not messages:
             return []
-        bound = (timeout or 30.0) + self.conf["connect_timeout"]
-        try:
-            result: list[BaseException | None] = self.io_for_send().run(
-                self._send(messages, timeout or 30.0), bound)
-            return result
-        except TransportUnreachable as exc:
-            return [exc] * len(messages)
+        timeout = timeout or 30.0
+        dedupe = self.conf["dedupe"]
+        items = []
+        for m in messages:
+            route = self._targets.get((m.exchange, m.routing_key))
+            if route is None:
+                if len(self._targets) > 4096:
+                    self._targets.clear()
+                route = self._targets[(m.exchange, m.routing_key)] = (
+                    self.subject(m.exchange, m.routing_key), self.stream_name(m.exchange),
+                    f"g_{_token(m.routing_key)}")
+            headers = {**m.headers, ID_HEADER: m.message_id, "Content-Type": m.content_type}
+            if dedupe:
+                headers["Nats-Msg-Id"] = f"{m.routing_key}/{m.message_id}"
+            items.append((route, m, headers))
+        job = _Job(len(messages))
+        link = self._link
+        ready = link is not None and link.lost is None and all(
+            (route[1], route[2]) in self._ensured for route, _, _ in items)
+        io = self.io_for_send()
+        # The loop fails what is unacknowledged ``timeout`` after publishing; this bound only
+        # guards against a loop that cannot run.
+        bound = timeout + (1.0 if ready else self.conf["connect_timeout"] + 1.0)
+        if io.wait(lambda: self._start(job, items, timeout), job, bound):
+            return job.results  # type: ignore[return-value]
+        late = TransportUnreachable(f"nats at {self.url.masked()}: no publish ack within "
+                                    f"{timeout} s")
+        results = [late if r is _PENDING else r for r in job.results]
+        io.loop.call_soon_threadsafe(self._forget, job)
+        return results  # type: ignore[return-value]
 
-    def io_for_send(self) -> _Loop:
-        """Sending has a loop thread of its own: a send never queues behind deliveries."""
+    def _start(self, job: _Job, items: list[Any], timeout: float) -> None:
+        task = job.task = asyncio.ensure_future(self._publish(job, items, timeout))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def _publish(self, job: _Job, items: list[tuple[tuple[str, str, str],
+                                                          OutgoingMessage, dict[str, str]]],
+                       timeout: float) -> None:
+        """Publish every message of ``job`` with a reply subject of the link's; the acks
+        resolve them (``_Link.on_ack``), and what has no ack ``timeout`` seconds later fails
+        as unreachable (a stream electing a leader drops publishes unanswered). Runs on the
+        send loop."""
+        try:
+            link = await self._sender()
+        except Exception as exc:
+            failed = exc if isinstance(exc, TransportUnreachable) else self._failure(exc, "")
+            for i in range(len(items)):
+                job.set(i, failed)
+            return
+        limit = link.max_payload
+        job.sent = asyncio.get_running_loop().time()
+        deadline = job.sent + timeout
+        for i, ((subject, stream, durable), m, headers) in enumerate(items):
+            size = len(m.body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 14
+            if size > limit:
+                job.set(i, MessageTooLarge(
+                    f"message {m.message_id} is {size} bytes with its headers, over the NATS "
+                    f"server's max_payload of {limit}; set the URL option max_message_size="
+                    f"{max(limit - 4096, 0)} so tidings refuses it before sending, or raise "
+                    f"max_payload in the server's configuration"))
+                continue
+            token = None
+            try:
+                if (stream, durable) not in self._ensured:
+                    await self.ensure(link.js, stream, durable, subject, DeliverPolicy.ALL)
+                if link.lost is not None:  # its acks could never come
+                    raise nats.errors.ConnectionClosedError
+                token = link.expect(job, i, (subject, stream, durable), deadline)
+                await link.nc.publish(subject, m.body, reply=link.prefix + token,
+                                      headers=headers)
+            except Exception as exc:
+                if token is not None:
+                    link.waiting.pop(token, None)
+                job.set(i, self._failure(exc, stream))
+        link.watch()
+
+    def _forget(self, job: _Job) -> None:
+        """A caller stopped waiting for ``job``: what it has not published yet (it may still be
+        connecting) is not published, and its acks no longer matter."""
+        if job.task is not None:
+            job.task.cancel()
+        link = self._link
+        if link is not None:
+            for token in job.tokens:
+                link.waiting.pop(token, None)
+
+    def io_for_send(self) -> _DrivenLoop:
+        """Sending has a loop of its own, run by the senders (see ``_DrivenLoop``): a send
+        never queues behind deliveries."""
+        send_io = self._send_io
+        if send_io is not None:
+            return send_io
         with self._io_lock:
             if self._send_io is None:
-                self._send_io = _Loop()
+                self._send_io = _DrivenLoop()
             return self._send_io
 
     def hand_back(self, replies: list[str]) -> None:
         """NAK deliveries of a closed receiver, through the sending connection."""
         async def nak() -> None:
-            sender = await self._sender()
+            sender = (await self._sender()).nc
             for reply in replies:
                 await sender.publish(reply, b"-NAK")
             await sender.flush(5)
@@ -592,50 +1190,14 @@ class NatsDriver(Driver):
             if self._cleaned:  # after cleanup(): this connection and loop were only for this
                 with self._io_lock:
                     self._send_io = None
-                if self._nc is not None:
-                    io.run(self._nc.close(), 5)
+                link = self._link
+                if link is not None:
+                    io.run(link.nc.close(), 5)
                 io.stop()
-
-    async def _send(self, messages: Sequence[OutgoingMessage],
-                    timeout: float) -> list[BaseException | None]:
-        try:
-            nc = await self._sender()
-        except TransportUnreachable as exc:
-            return [exc] * len(messages)
-        js, limit = self._js, nc.max_payload
-        results: list[BaseException | None] = [None] * len(messages)
-        sends: list[tuple[int, Any]] = []
-        for i, m in enumerate(messages):
-            subject = self.subject(m.exchange, m.routing_key)
-            headers = {**m.headers, ID_HEADER: m.message_id, "Content-Type": m.content_type}
-            if self.conf["dedupe"]:
-                headers["Nats-Msg-Id"] = f"{m.routing_key}/{m.message_id}"
-            size = len(m.body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 14
-            if size > limit:
-                results[i] = MessageTooLarge(
-                    f"message {m.message_id} is {size} bytes with its headers, over the NATS "
-                    f"server's max_payload of {limit}; set the URL option max_message_size="
-                    f"{max(limit - 4096, 0)} so tidings refuses it before sending, or raise "
-                    f"max_payload in the server's configuration")
-                continue
-            stream = self.stream_name(m.exchange)
-            try:
-                await self.ensure(js, stream, f"g_{_token(m.routing_key)}", subject,
-                                  DeliverPolicy.ALL)
-            except Exception as exc:
-                results[i] = self._failure(exc, stream)
-                continue
-            sends.append((i, js.publish(subject, m.body, timeout=timeout, headers=headers)))
-        acks = await asyncio.gather(*(c for _, c in sends), return_exceptions=True)
-        for (i, _), ack in zip(sends, acks, strict=True):
-            if isinstance(ack, BaseException):
-                results[i] = self._failure(ack, self.stream_name(messages[i].exchange))
-        return results
 
     def _failure(self, exc: BaseException, stream: str) -> BaseException:
         """A retry may cure a lost connection, a timeout, and a stream or consumer deleted
-        under us (forgotten here, so the retry makes them again)."""
-        self._ensured = {e for e in self._ensured if e[0] != stream}
+        under us (``recheck`` makes those again)."""
         text = mask_password(str(exc)) or type(exc).__name__
         if isinstance(exc, (*_LOST, nats.js.errors.NoStreamResponseError,
                             nats.js.errors.ServiceUnavailableError, TransportUnreachable)):
@@ -645,6 +1207,8 @@ class NatsDriver(Driver):
     # -- listening ------------------------------------------------------------------------
     def listen(self, bindings: Sequence[Binding], pool: str | None, prefetch: int) -> Receiver:
         consumers: dict[tuple[str, str], tuple[str, str, str, DeliverPolicy]] = {}
+        routes = {self.subject(b.exchange, b.routing_key): (b.exchange, b.routing_key)
+                  for b in bindings}
         for b in bindings:
             stream = self.stream_name(b.exchange)
             key = _token(b.routing_key)
@@ -652,7 +1216,8 @@ class NatsDriver(Driver):
                                else (f"p_{_token(pool)}_{key}", DeliverPolicy.NEW))
             consumers[(stream, durable)] = (stream, durable, self.subject(b.exchange,
                                                                           b.routing_key), policy)
-        return _NatsReceiver(self, list(consumers.values()), prefetch)
+        purpose = "listener group" if pool is None else f"listener pool '{pool}'"
+        return _NatsReceiver(self, list(consumers.values()), prefetch, routes, purpose)
 
     def cleanup(self) -> None:
         """Close the sending connection; the receivers' loop stops once every receiver is
@@ -661,11 +1226,14 @@ class NatsDriver(Driver):
             self._cleaned = True
             io, users, send_io = self._io, self._users, self._send_io
         if send_io is not None:
-            if self._nc is not None:
+            if self._link is not None:
                 try:
-                    send_io.run(self._nc.close(), 5)
+                    send_io.run(self._link.nc.close(), 5)
                 except Exception as exc:
                     LOG.debug("nats: closing the sending connection: %s", exc)
             send_io.stop()
+            with self._io_lock:  # a receiver closing later hands back on a loop of its own
+                if self._send_io is send_io:
+                    self._send_io = None
         if io is not None and users == 0:
             io.stop()
