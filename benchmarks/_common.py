@@ -10,7 +10,7 @@ import logging
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tidings.notify.stamps import new_message_id, utc_timestamp
@@ -69,10 +69,12 @@ class Counter:
 
 
 def compare_main(argv: list[str] | None, doc: str | None, ours: tuple[str, Callable[[int], float]],
-                 reference: tuple[str, Callable[[int], float]]) -> int:
+                 reference: tuple[str, Callable[[int], float]],
+                 others: Sequence[tuple[str, Callable[[int], float]]] = ()) -> int:
     """The command line of a benchmark that compares one tidings workload with a bare loop by
     hand: ``--messages``, ``--rounds`` (interleaved), ``--json``; prints the median rates and
-    the ratio."""
+    the ratio. ``others`` are more rows in the same rounds (tidings on another transport, say),
+    each with its own ratio."""
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=5000)
@@ -80,9 +82,9 @@ def compare_main(argv: list[str] | None, doc: str | None, ours: tuple[str, Calla
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    rows: dict[str, list[float]] = {ours[0]: [], reference[0]: []}
-    for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both
-        for name, run in (ours, reference):
+    rows: dict[str, list[float]] = {name: [] for name, _ in (ours, reference, *others)}
+    for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits them alike
+        for name, run in (ours, reference, *others):
             rows[name].append(run(args.messages))
     med = {k: statistics.median(v) for k, v in rows.items()}
     ratio = med[ours[0]] / med[reference[0]]
@@ -91,6 +93,8 @@ def compare_main(argv: list[str] | None, doc: str | None, ours: tuple[str, Calla
         spread = ", ".join(f"{v:,.0f}" for v in values)
         print(f"  {name:<24} {med[name]:>10,.0f}   ({spread})")
     print(f"  ratio tidings/by hand: {ratio:.2f}x")
+    for name, _ in others:
+        print(f"  ratio {ours[0]} / {name}: {med[ours[0]] / med[name]:.2f}x")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"rates": rows, "median": med, "ratio": ratio}, fh, indent=2)

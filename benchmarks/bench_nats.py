@@ -6,11 +6,12 @@ publish each encoded body and await its publish ack (tidings' notifier confirms 
 while a durable pull consumer fetches up to 64 at a time, decodes each with tidings' envelope
 code and acks it; the same number of messages, of the same size. tidings does the same plus
 what it adds (the envelope, dispatch on a worker thread, settlement bookkeeping, a listener's
-threads beside the sender's), so the figure reported is tidings / by hand.
+threads beside the sender's), so the figure reported is tidings / by hand. The same workload
+through tidings on rabbit:// runs in the same rounds, for a second ratio.
 
     python benchmarks/bench_nats.py [--messages 5000] [--rounds 3]
 
-Needs NATS with JetStream on 127.0.0.1:4222.
+Needs NATS with JetStream on 127.0.0.1:4222 and RabbitMQ on 127.0.0.1:5672.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import uuid
 
 import nats
 from _common import compare_main, end_to_end, read_wire_body, wire_body
+
+from tidings.testing.brokers import rabbit_vhost
 
 URL = "nats://127.0.0.1:4222"
 
@@ -81,9 +84,15 @@ def run_by_hand(n: int) -> float:
     return asyncio.run(_by_hand(n))
 
 
+def run_rabbit(n: int) -> float:
+    """The same workload through tidings on rabbit:// (a fresh vhost on 127.0.0.1:5672)."""
+    with rabbit_vhost("tidings-bench") as vhost:
+        return end_to_end(f"rabbit://guest:guest@127.0.0.1:5672/{vhost}", n)
+
+
 def main(argv: list[str] | None = None) -> int:
     return compare_main(argv, __doc__, ("tidings nats://", run_tidings),
-                        ("nats-py by hand", run_by_hand))
+                        ("nats-py by hand", run_by_hand), [("tidings rabbit://", run_rabbit)])
 
 
 if __name__ == "__main__":

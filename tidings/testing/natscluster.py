@@ -37,8 +37,9 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
+
+from tidings.testing.managed import Managed
 
 __all__ = ["NatsCluster", "NatsClusterError", "NatsServer", "nats_server_binary"]
 
@@ -91,7 +92,7 @@ class NatsServer:
             return "(no log)"
 
 
-class NatsCluster:
+class NatsCluster(Managed):
     """``size`` private JetStream servers in one cluster, under ``base_dir`` (a new temporary
     directory by default, deleted at teardown).
 
@@ -199,18 +200,6 @@ class NatsCluster:
         finally:
             if self._own_dir:
                 shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> NatsCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.teardown()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.teardown()
 
     # -- what the servers say -----------------------------------------------------------
     def monitor(self, which: NatsServer | int | str, path: str) -> dict[str, Any]:

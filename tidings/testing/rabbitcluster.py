@@ -38,9 +38,9 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from tidings.testing.managed import Managed
 from tidings.testing.rabbitnode import RabbitNode, RabbitNodeError
 
 __all__ = ["ClientConnection", "RabbitCluster", "scratch_dir"]
@@ -66,7 +66,7 @@ class ClientConnection:
     """The client's local port."""
 
 
-class RabbitCluster:
+class RabbitCluster(Managed):
     """``size`` private RabbitMQ nodes in one cluster, under ``base_dir`` (a new temporary
     directory by default, deleted at teardown).
 
@@ -181,18 +181,6 @@ class RabbitCluster:
         finally:
             if self._own_dir:
                 shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> RabbitCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.teardown()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.teardown()
 
     def _ensure_clustered(self, timeout: float) -> None:
         """Join a running node that started a cluster of its own to the first node's cluster;

@@ -34,7 +34,8 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
+
+from tidings.testing.managed import Managed
 
 __all__ = ["RabbitNode", "RabbitNodeError", "free_port", "rabbitmq_installed"]
 
@@ -69,7 +70,7 @@ def rabbitmq_installed() -> bool:
     return _bin_dir() is not None
 
 
-class RabbitNode:
+class RabbitNode(Managed):
     """A RabbitMQ node of its own, under ``base_dir`` (a new temporary directory by default).
 
     Attributes: ``node_name`` (``tidings-<id>@localhost``), ``amqp_port``, ``dist_port``,
@@ -247,18 +248,6 @@ class RabbitNode:
         finally:
             if self._own_dir:
                 shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> RabbitNode:
-        try:
-            self.start()
-        except BaseException:
-            self.teardown()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.teardown()
 
     # -- administration -----------------------------------------------------------------
     def ctl(self, *args: str, timeout: float = 60.0) -> str:
