@@ -568,3 +568,90 @@ def poll_until_true(condition: Callable[[], bool], what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting until {what}")
         time.sleep(0.01)
+
+
+# -- credentials against a real server --------------------------------------------------------
+@pytest.fixture
+def private_server(tmp_path: Any) -> Iterator[Callable[..., int]]:
+    """Start a private nats-server with the given auth arguments; its client port."""
+    import subprocess
+
+    from tidings.testing.brokers import in_ci
+    from tidings.testing.natscluster import nats_server_binary
+    from tidings.testing.rabbitnode import free_port
+
+    exe = nats_server_binary()
+    if exe is None:
+        msg = "nats-server is not installed (apt-get install nats-server)"
+        if in_ci():
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*auth: str) -> int:
+        port = free_port()
+        store = tmp_path / f"s{port}"
+        procs.append(subprocess.Popen([exe, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd",
+                                       str(store), *auth], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 20
+        while not _port_open(port):
+            assert time.monotonic() < deadline, f"private nats-server on {port} did not start"
+            assert procs[-1].poll() is None, "private nats-server exited at start"
+            time.sleep(0.05)
+        return port
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait(10)
+
+
+def _port_open(port: int) -> bool:
+    from tidings.testing.brokers import service_up
+
+    return service_up("127.0.0.1", port, timeout=0.2)
+
+
+def _round_trip(url: str) -> list[str]:
+    t = tidings.get_notification_transport(url)
+    try:
+        got: list[str] = []
+        done = threading.Event()
+
+        class Endpoint:
+            def info(self, ctxt: Any, pub: Any, event_type: str, payload: Any, md: Any) -> None:
+                got.append(event_type)
+                done.set()
+
+        listener = tidings.get_notification_listener(t, [Target(topic="auth")], [Endpoint()])
+        listener.start()
+        tidings.Notifier(t, "p", topics=["auth"], retry=3).info({}, "auth.ok", {})
+        assert done.wait(WAIT), "no notification through the authenticated server"
+        listener.stop()
+        assert listener.wait(WAIT)
+        return got
+    finally:
+        t.cleanup()
+
+
+def test_user_password_and_token_log_in_and_a_wrong_secret_is_refused_unmasked_never(
+        private_server: Callable[..., int]) -> None:
+    """user:pass in the URL (percent-encoded as any URL) and ``?token=`` log in to servers that
+    require them; a wrong secret is refused at once, retryable, and never shown."""
+    users = private_server("--user", "alice", "--pass", "s:cret/#1")
+    tokens = private_server("--auth", "tok-9f2c")
+    assert _round_trip(f"nats://alice:s%3Acret%2F%231@127.0.0.1:{users}/") == ["auth.ok"]
+    assert _round_trip(f"nats://127.0.0.1:{tokens}/?token=tok-9f2c") == ["auth.ok"]
+    for url, secret in [(f"nats://alice:wrong-pw-77@127.0.0.1:{users}/?connect_timeout=2",
+                         "wrong-pw-77"),
+                        (f"nats://127.0.0.1:{tokens}/?token=bad-tok-55&connect_timeout=2",
+                         "bad-tok-55")]:
+        t = tidings.get_notification_transport(url)
+        try:
+            driver: NatsDriver = t._driver  # type: ignore[assignment]
+            [result] = driver.send_batch([OutgoingMessage("x", "t.info", b"{}", "id-1")], 5)
+            assert result is not None, "a wrong secret was accepted"
+            assert secret not in str(result) and secret not in repr(t)
+        finally:
+            t.cleanup()

@@ -868,6 +868,12 @@ class NatsDriver(Driver):
         self.tls = bool(self.conf["tls"] or url.subscheme == "tls")
         self.namespace = url.virtual_host or ""
         self.prefix = f"tidings.{_token(self.namespace)}"
+        # nats-py reads credentials in a server URL without percent-decoding them, so a password
+        # with ':', '/', '#' or '%' would be sent encoded. One user:password pair for every host
+        # (the usual case) goes to nats-py as plain arguments instead, the server URLs bare.
+        logins = {(h.username, h.password) for h in url.hosts}
+        login = logins.pop() if len(logins) == 1 else None
+        self._login = login if login is not None and None not in login else None
         self.servers = [self._server(h) for h in url.hosts] or ["nats://127.0.0.1:4222"]
         if self.conf["storage"] == "memory":
             self.capabilities = Capabilities(**{**type(self).capabilities.as_dict(),
@@ -892,7 +898,7 @@ class NatsDriver(Driver):
         name = host.hostname or "127.0.0.1"
         name = f"[{name}]" if ":" in name else name
         creds = ""
-        if host.username is not None:
+        if host.username is not None and self._login is None:
             creds = quote(host.username, safe="")
             if host.password is not None:
                 creds += ":" + quote(host.password, safe="")
@@ -940,6 +946,8 @@ class NatsDriver(Driver):
             "token": conf["token"],
             "nkeys_seed_str": conf["nkey_seed"], "user_credentials": conf["creds_file"],
         }
+        if self._login is not None:
+            kwargs["user"], kwargs["password"] = self._login
         if self.tls:
             kwargs["tls"] = _ssl_context(conf)
             kwargs["tls_hostname"] = conf["tls_hostname"]
