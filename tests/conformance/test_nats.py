@@ -23,6 +23,7 @@ import pytest
 
 from tidings.testing.brokers import in_ci, require_service
 from tidings.testing.conformance import DriverConformance, Harness
+from tidings.testing.managed import free_port
 
 HOW = "nats-server -js -a 127.0.0.1 -p 4222 &"
 
@@ -66,12 +67,6 @@ def tidings_url_factory() -> Iterator[Callable[[], str]]:
     yield from namespaced_urls(host, port)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def big_payload_server() -> Iterator[tuple[str, int]]:
     """A private nats-server with JetStream and max_payload 8MB, stopped after the module."""
@@ -82,7 +77,7 @@ def big_payload_server() -> Iterator[tuple[str, int]]:
         if in_ci():
             pytest.fail(msg, pytrace=False)
         pytest.skip(msg)
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="tidings-nats-") as store:
         conf = Path(store) / "nats.conf"
         conf.write_text(f'listen: "127.0.0.1:{port}"\nmax_payload: 8MB\n'

@@ -576,9 +576,9 @@ def private_server(tmp_path: Any) -> Iterator[Callable[..., int]]:
     """Start a private nats-server with the given auth arguments; its client port."""
     import subprocess
 
-    from tidings.testing.brokers import in_ci
+    from tidings.testing.brokers import in_ci, service_up
+    from tidings.testing.managed import free_port
     from tidings.testing.natscluster import nats_server_binary
-    from tidings.testing.rabbitnode import free_port
 
     exe = nats_server_binary()
     if exe is None:
@@ -595,7 +595,7 @@ def private_server(tmp_path: Any) -> Iterator[Callable[..., int]]:
                                        str(store), *auth], stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 20
-        while not _port_open(port):
+        while not service_up("127.0.0.1", port, timeout=0.2):
             assert time.monotonic() < deadline, f"private nats-server on {port} did not start"
             assert procs[-1].poll() is None, "private nats-server exited at start"
             time.sleep(0.05)
@@ -605,12 +605,6 @@ def private_server(tmp_path: Any) -> Iterator[Callable[..., int]]:
     for p in procs:
         p.kill()
         p.wait(10)
-
-
-def _port_open(port: int) -> bool:
-    from tidings.testing.brokers import service_up
-
-    return service_up("127.0.0.1", port, timeout=0.2)
 
 
 def _round_trip(url: str) -> list[str]:

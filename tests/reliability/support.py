@@ -30,6 +30,7 @@ import pytest
 import tidings
 from tidings.testing.brokers import in_ci
 from tidings.testing.checker import DeliveryLog, DeliveryReport
+from tidings.testing.managed import free_port
 
 __all__ = [
     "CHILD_SCRIPT",
@@ -65,12 +66,6 @@ def unavailable(msg: str) -> None:
     if in_ci():
         pytest.fail(msg, pytrace=False)
     pytest.skip(msg)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT,

@@ -1,13 +1,22 @@
-"""The ``with`` protocol shared by the test fixtures that run broker processes of their own."""
+"""What the test fixtures that run broker processes of their own share: the ``with`` protocol
+and a free port."""
 
 from __future__ import annotations
 
+import socket
 from types import TracebackType
 from typing import TypeVar
 
-__all__ = ["Managed"]
+__all__ = ["Managed", "free_port"]
 
 M = TypeVar("M", bound="Managed")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class Managed:

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tidings.testing.managed import Managed
+from tidings.testing.managed import Managed, free_port
 
 __all__ = ["NatsCluster", "NatsClusterError", "NatsServer", "nats_server_binary"]
 
@@ -58,12 +57,6 @@ def nats_server_binary() -> str | None:
     if found:
         return found
     return "/usr/sbin/nats-server" if os.access("/usr/sbin/nats-server", os.X_OK) else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -122,8 +115,8 @@ class NatsCluster(Managed):
         self.base_dir = Path(base_dir)
         tag = uuid.uuid4().hex[:6]
         self.cluster_name = f"tidings-{tag}"
-        self.servers = [NatsServer(name=f"n{i + 1}-{tag}", port=_free_port(),
-                                   route_port=_free_port(), http_port=_free_port(),
+        self.servers = [NatsServer(name=f"n{i + 1}-{tag}", port=free_port(),
+                                   route_port=free_port(), http_port=free_port(),
                                    store=self.base_dir / f"n{i + 1}",
                                    log=self.base_dir / f"n{i + 1}.log")
                         for i in range(size)]

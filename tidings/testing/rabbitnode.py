@@ -35,20 +35,13 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from tidings.testing.managed import Managed
+from tidings.testing.managed import Managed, free_port
 
 __all__ = ["RabbitNode", "RabbitNodeError", "free_port", "rabbitmq_installed"]
 
 
 class RabbitNodeError(RuntimeError):
     """The private node could not be started, stopped or reached; the message says why."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _bin_dir() -> Path | None:
